@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-weight RoPE models built from configs (no download)."""
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_llama(**overrides):
+    """A 2-layer Llama with GQA (4 query heads, 2 key/value heads, head_dim 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def tiny_qwen2(**overrides):
+    """A 2-layer Qwen2 (q/k/v biases) with GQA."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def qwen2():
+    return tiny_qwen2()
+
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters. 0123456789 +-*/=()[]{}.,;:!?'\"\n"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level BPE tokenizer (ids < vocab_size) with BOS/EOS, as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=sorted(set(TEXT)))
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(path, model=None):
+    """Save a tiny random model plus tokenizer as a Hugging Face folder; returns the path as str."""
+    model = model if model is not None else tiny_llama()
+    model.save_pretrained(path)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return save_tiny(tmp_path / "tiny-llama")
