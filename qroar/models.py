@@ -114,7 +114,7 @@ def resolve(name: str) -> tuple[Path | str, str]:
             raise ModelError(f"{name} has no config.json: it is not a Hugging Face model folder.")
         return p, p.name
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise ModelError(f"Model path {name} does not exist.")
+        raise ModelError(f"Model path {name} does not exist: give a folder with config.json and weights, a preset ({', '.join(PRESETS)}), or a hub id.")
     return name, name  # a hub id: from_pretrained will try the hub (or its cache)
 
 

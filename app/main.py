@@ -1,0 +1,33 @@
+"""Dashboard entry: page config, shared state and navigation only; every screen is a page in pages/.
+
+Run with `streamlit run app/main.py`. A new page is one file in pages/ plus one st.Page line below.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the path, not the repo root
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import state, widgets  # noqa: E402
+
+st.set_page_config(page_title="Q-ROAR", page_icon=":material/graphic_eq:", layout="wide")
+state.session()  # creates or re-attaches this session (?s=<token> in the URL)
+
+PAGES = {
+    "Model": [
+        st.Page(widgets.page_path("setup"), title="Setup", icon=":material/tune:", url_path="setup", default=True),
+    ],
+    "Evaluate": [
+        st.Page(widgets.page_path("perplexity"), title="Perplexity", icon=":material/show_chart:", url_path="perplexity"),
+        st.Page(widgets.page_path("diagnostics"), title="Diagnostics", icon=":material/grid_on:", url_path="diagnostics"),
+    ],
+    "Learn": [st.Page(widgets.page_path("learn"), title="Learn", icon=":material/school:", url_path="learn")],
+}
+
+nav = st.navigation(PAGES)
+widgets.sidebar_status()
+nav.run()

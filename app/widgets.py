@@ -1,0 +1,213 @@
+"""Widgets bound to settings, the running-job panel, and small shared cards.
+
+Bound widgets keep their value in the session record (app.state), not in the widget itself:
+Streamlit forgets a widget's state when a page that does not draw it runs, so values set on
+Setup would otherwise be lost after a visit to another page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from qroar.errors import QroarError
+
+from app import state
+from app.jobs import CANCELLED, FAILED, QUEUED, Job, format_seconds
+
+POLL_SECONDS = 1.0
+PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
+
+
+def page_path(name: str) -> str:
+    """The file of page `name` (e.g. "setup"), as st.Page and st.page_link want it."""
+    return str(PAGES_DIR / f"{name}.py")
+
+
+def link(page: str, label: str, icon: str | None = None) -> None:
+    st.page_link(page_path(page), label=label, icon=icon)
+
+
+# ----------------------------------------------------------------------------- bound widgets
+
+
+def _key(name: str) -> str:
+    return f"w:{name}"
+
+
+def _store(name: str, allowed: list | None) -> None:
+    value = st.session_state[_key(name)]
+    if allowed is not None:  # the browser may send back labels of options that changed since (e.g. after a load)
+        value = [v for v in value if v in allowed] if isinstance(value, list) else value
+        if not isinstance(value, list) and value not in allowed:
+            return
+    state.put(name, value)
+
+
+def _bind(name: str, value, allowed: list | None = None) -> dict:
+    """Seed the widget from the stored setting and write changes back; kwargs for the widget call."""
+    st.session_state[_key(name)] = value
+    return dict(key=_key(name), on_change=_store, args=(name, allowed))
+
+
+def select(label: str, name: str, options, **kw):
+    options = list(options)
+    value = state.get(name)
+    if value not in options:  # e.g. a group size that does not divide the new model's widths
+        value = kw.pop("fallback", options[0])
+        state.put(name, value)
+    kw.pop("fallback", None)
+    return st.selectbox(label, options, **_bind(name, value, options), **kw)
+
+
+def radio(label: str, name: str, options, **kw):
+    options = list(options)
+    value = state.get(name)
+    if value not in options:
+        value = options[0]
+        state.put(name, value)
+    return st.radio(label, options, **_bind(name, value, options), **kw)
+
+
+def multiselect(label: str, name: str, options, value=None, **kw):
+    """`value` overrides the stored setting for display (e.g. defaults derived from the model)."""
+    options = list(options)
+    chosen = [v for v in (value if value is not None else state.get(name) or []) if v in options]
+    return st.multiselect(label, options, **_bind(name, chosen, options), **kw)
+
+
+def number(label: str, name: str, **kw):
+    return st.number_input(label, **_bind(name, state.get(name)), **kw)
+
+
+def slider(label: str, name: str, **kw):
+    return st.slider(label, **_bind(name, state.get(name)), **kw)
+
+
+def toggle(label: str, name: str, **kw) -> bool:
+    return st.toggle(label, **_bind(name, bool(state.get(name))), **kw)
+
+
+def text(label: str, name: str, **kw) -> str:
+    return st.text_input(label, **_bind(name, state.get(name) or ""), **kw)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def job_status(kind: str) -> Job | None:
+    """Show this session's last job of `kind`: live progress while it runs, the error if it failed.
+
+    Returns the job (finished or not) so the page can draw its result when `job.status == "done"`.
+    """
+    job = state.job(kind)
+    if job is None:
+        return None
+    if not job.is_finished:
+        _running(job.id)
+    elif job.status == FAILED:
+        st.error(job.error, icon=":material/error:")
+    elif job.status == CANCELLED:
+        st.warning(job.error or "Cancelled.", icon=":material/cancel:")
+    return job
+
+
+def is_running(kind: str) -> bool:
+    job = state.job(kind)
+    return job is not None and not job.is_finished
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _running(job_id: str) -> None:
+    """Redrawn every POLL_SECONDS while the job runs; reruns the whole page once it has finished."""
+    q = state.backend().queue
+    job = q.get(job_id)
+    if job is None or job.is_finished:
+        st.rerun()
+        return
+    with st.container(border=True):
+        if job.status == QUEUED:
+            ahead = q.position(job)
+            st.progress(0.0, text=f"{job.label}: waiting for {ahead} job(s) ahead in the queue (one computation at a time)")
+        else:
+            st.progress(job.progress, text=f"{job.label}: {job.message}")
+        c1, c2 = st.columns([4, 1], vertical_alignment="center")
+        c1.caption(f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · "
+                   f"about {format_seconds(job.eta)} left" if job.status != QUEUED else "queued")
+        if c2.button("Cancel", key=f"cancel:{job.id}", icon=":material/stop_circle:", width="stretch"):
+            q.cancel(job.id)
+            st.rerun()
+
+
+# ----------------------------------------------------------------------------- cards and guards
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def model_card(info: dict) -> None:
+    """The loaded model in one bordered card: shape, context, RoPE, where it runs."""
+    rp = info.get("rope_parameters") or {}
+    with st.container(border=True):
+        st.markdown(f"**{info['name']}** · `{info['model_type']}` · {info['device']} / {info['dtype']}")
+        cols = st.columns(6)
+        cols[0].metric("Parameters", _count(info["n_params"]))
+        cols[1].metric("Layers", info["n_layers"])
+        cols[2].metric("Heads (q / kv)", f"{info['n_heads']} / {info['n_kv_heads']}")
+        cols[3].metric("Head dim", info["head_dim"] if info.get("rotary_dim", info["head_dim"]) == info["head_dim"]
+                       else f"{info['head_dim']} ({info['rotary_dim']} rotary)")
+        cols[4].metric("Trained context", f"{info['trained_context']:,}")
+        cols[5].metric("RoPE theta", f"{rp.get('rope_theta', 10000):g}")
+        extra = {k: v for k, v in rp.items() if k not in ("rope_theta",)}
+        st.caption(f"RoPE parameters: `{extra}` · hidden {info['hidden_size']} · vocab {info['vocab_size']:,} · "
+                   f"weights fingerprint `{info['fingerprint']}`")
+
+
+def need_model() -> dict:
+    """The loaded model's info, or a pointer to Setup and a stop (pages call this first)."""
+    info = state.model_info()
+    if info is None:
+        job = state.job("load")
+        if job is not None and not job.is_finished:
+            job_status("load")
+        st.info("Load a model on the Setup page first.", icon=":material/info:")
+        link("setup", "Go to Setup", ":material/tune:")
+        st.stop()
+    return info
+
+
+def settings_summary() -> str:
+    """One line naming what the next run will use (model, PI, quantizer, corpus, lengths)."""
+    from app.charts import length_label
+
+    parts = [f"**{state.loaded_key().name}**" if state.loaded_key() else "no model"]
+    try:
+        parts.append(f"PI {state.pi_config().label()}")
+    except QroarError:  # an invalid setting is reported where it is edited
+        parts.append("PI ?")
+    try:
+        parts.append(state.quant_config().describe())
+    except QroarError:
+        parts.append("quantizer ?")
+    src = state.get("corpus.source")
+    parts.append(state.CORPORA.get(src, src).lower() if src.startswith("embedded") else src)
+    parts.append("lengths " + ", ".join(length_label(n) for n in state.lengths()))
+    return " · ".join(parts)
+
+
+def sidebar_status() -> None:
+    """Session summary in the sidebar: model loaded, jobs of this session still running."""
+    with st.sidebar:
+        info = state.model_info()
+        if info:
+            st.caption(f":material/memory: {info['name']} on {info['device']} ({info['dtype']})")
+        else:
+            st.caption(":material/memory: no model loaded")
+        running = state.backend().queue.active(state.session().token)
+        if running:
+            st.caption(f":material/pending: {len(running)} job(s) running or queued")

@@ -1,0 +1,229 @@
+"""The app's job queue and model cache: FIFO, no interleaving, cancel, progress/ETA, failures, owners."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.engine import (  # noqa: E402
+    Backend, Entry, ModelCache, ModelKey, Registry, apply_settings, default_group_size, group_size_options,
+)
+from app.jobs import CANCELLED, DONE, FAILED, JobQueue, format_seconds  # noqa: E402
+from qroar.errors import Cancelled, ConfigError  # noqa: E402
+
+
+@pytest.fixture
+def q():
+    queue = JobQueue()
+    yield queue
+    queue.shutdown()
+
+
+def test_jobs_run_in_submission_order(q):
+    order = []
+    jobs = [q.submit("k", "a", lambda p, c, i=i: order.append(i) or i) for i in range(6)]
+    for j in jobs:
+        q.wait(j.id, 10)
+    assert order == list(range(6))
+    assert [j.result for j in jobs] == list(range(6))
+    assert all(j.status == DONE and j.progress == 1.0 for j in jobs)
+
+
+def test_two_submitters_never_interleave(q):
+    events, live, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    def work(tag):
+        def fn(progress, cancel):
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            events.append(("start", tag))
+            time.sleep(0.01)
+            events.append(("end", tag))
+            with lock:
+                live[0] -= 1
+        return fn
+
+    def submitter(owner):
+        for i in range(8):
+            q.submit("k", owner, work(f"{owner}{i}"))
+
+    threads = [threading.Thread(target=submitter, args=(o,)) for o in ("tab1", "tab2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    q.wait_idle(20)
+    assert peak[0] == 1
+    assert len(events) == 32
+    for a, b in zip(events[::2], events[1::2]):  # every start is followed by its own end
+        assert a[0] == "start" and b == ("end", a[1])
+
+
+def test_cancel_running_job_stops_it_and_cancel_queued_job_never_runs(q):
+    started = threading.Event()
+    ran = []
+
+    def long(progress, cancel):
+        started.set()
+        for _ in range(500):
+            if cancel.is_set():
+                raise Cancelled("stopped by the user")
+            time.sleep(0.01)
+        return "finished"
+
+    running = q.submit("k", "a", long)
+    queued = q.submit("k", "a", lambda p, c: ran.append(1))
+    assert started.wait(5)
+    assert q.cancel(queued.id) and queued.status == CANCELLED
+    assert q.cancel(running.id)
+    q.wait(running.id, 5)
+    assert running.status == CANCELLED and running.error == "stopped by the user" and running.result is None
+    time.sleep(0.05)
+    assert ran == []
+    assert not q.cancel(running.id)  # already finished
+
+
+def test_progress_and_eta_follow_the_reported_rate(q):
+    release = threading.Event()
+
+    def fn(progress, cancel):
+        time.sleep(0.4)
+        progress(0.25, "quarter")
+        release.wait(5)
+        return "ok"
+
+    job = q.submit("k", "a", fn)
+    deadline = time.time() + 5
+    while job.progress < 0.25 and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.progress == 0.25 and job.message == "quarter"
+    # a quarter done after `elapsed` seconds: three times that is left
+    assert job.eta == pytest.approx(3 * job.elapsed, rel=0.1)
+    release.set()
+    q.wait(job.id, 5)
+    assert job.eta is None and job.progress == 1.0
+
+
+def test_user_error_is_captured_with_its_message_and_a_bug_keeps_the_worker_alive(q):
+    def bad_setting(p, c):
+        raise ConfigError("group size 96 does not divide 64; choose 32")
+
+    def bug(p, c):
+        raise ZeroDivisionError("oops")
+
+    j1 = q.submit("k", "a", bad_setting)
+    j2 = q.submit("k", "a", bug)
+    j3 = q.submit("k", "a", lambda p, c: 42)
+    for j in (j1, j2, j3):
+        q.wait(j.id, 5)
+    assert j1.status == FAILED and j1.error == "group size 96 does not divide 64; choose 32"
+    assert j2.status == FAILED and "ZeroDivisionError" in j2.error and "bug" in j2.error
+    assert j3.status == DONE and j3.result == 42
+
+
+def test_results_are_retrievable_by_owner_and_kind(q):
+    a1 = q.submit("load", "alice", lambda p, c: "model")
+    b1 = q.submit("perplexity", "bob", lambda p, c: "b-ppl")
+    a2 = q.submit("perplexity", "alice", lambda p, c: "a-ppl-1")
+    a3 = q.submit("perplexity", "alice", lambda p, c: "a-ppl-2")
+    q.wait_idle(5)
+    assert q.jobs(owner="alice") == [a1, a2, a3]
+    assert q.jobs(owner="bob", kind="perplexity") == [b1]
+    assert q.latest("alice", "perplexity").result == "a-ppl-2"
+    assert q.latest("carol", "perplexity") is None
+
+
+def test_queue_position_counts_jobs_ahead(q):
+    gate = threading.Event()
+    first = q.submit("k", "a", lambda p, c: gate.wait(5))
+    second = q.submit("k", "b", lambda p, c: None)
+    third = q.submit("k", "a", lambda p, c: None)
+    time.sleep(0.05)
+    assert (q.position(first), q.position(second), q.position(third)) == (0, 1, 2)
+    gate.set()
+    q.wait_idle(5)
+
+
+def test_session_record_survives_and_keeps_the_last_job_of_each_kind():
+    backend = Backend(queue=JobQueue())
+    rec = backend.registry.session("tok")
+    assert backend.registry.session("tok") is rec and "tok" in backend.registry
+    backend.submit(rec, "perplexity", lambda p, c: 1)
+    j = backend.submit(rec, "perplexity", lambda p, c: 2)
+    backend.queue.wait_idle(5)
+    assert rec.jobs["perplexity"] is j and j.result == 2 and j.owner == "tok"
+    assert Registry.new_token() != Registry.new_token()
+    backend.submit(rec, "perplexity", lambda p, c: (_ for _ in ()).throw(ConfigError("no lengths")))
+    backend.queue.wait_idle(5)
+    assert rec.jobs["perplexity"].status == FAILED
+    assert backend.result(rec, "perplexity") is j  # the last good result stays visible after a failed run
+    assert backend.result(rec, "search") is None
+    backend.queue.shutdown()
+
+
+def test_model_cache_loads_once_per_key_and_evicts_the_oldest():
+    opened = []
+    cache = ModelCache(max_models=1, opener=lambda k: opened.append(k.name) or f"wb:{k.name}")
+    a, b = ModelKey("a"), ModelKey("b")
+    assert cache.get(a).wb == "wb:a" and cache.get(a).wb == "wb:a"
+    assert opened == ["a"]
+    cache.get(b)
+    assert cache.keys() == [b] and cache.peek(a) is None
+    cache.get(a)
+    assert opened == ["a", "b", "a"]
+    assert ModelKey.from_dict(a.to_dict()) == a
+
+
+class FakeWorkbench:
+    """Records set_pi/set_quant calls the way the Workbench applies them."""
+
+    def __init__(self):
+        from qroar.rope import PIConfig
+
+        self.pi, self.qstate, self.calls = PIConfig(), None, []
+
+    def set_pi(self, pi):
+        self.pi = pi
+        self.calls.append("pi")
+
+    def set_quant(self, cfg, calib_corpus=None, progress=None, cancel=None):
+        self.qstate = None if cfg is None else object()
+        self.calls.append("quant" if cfg is not None else "restore")
+
+
+def test_apply_settings_requantizes_only_when_the_quantized_state_depends_on_what_changed():
+    from qroar.quant import QuantConfig
+    from qroar.rope import PIConfig
+
+    e = Entry(FakeWorkbench())
+    rtn, yarn4, yarn8 = QuantConfig("rtn", 4, 64), PIConfig("yarn", 4.0), PIConfig("yarn", 8.0)
+    apply_settings(e, yarn4, rtn, "embedded:dev", None, None)
+    apply_settings(e, yarn4, rtn, "embedded:dev", None, None)
+    assert e.wb.calls == ["pi", "quant"]
+    apply_settings(e, yarn8, rtn, "embedded:dev", None, None)  # RTN ignores PI: no re-quantization
+    assert e.wb.calls == ["pi", "quant", "pi"]
+    gptq = QuantConfig("gptq", 4, 64)
+    apply_settings(e, yarn8, gptq, "embedded:dev", None, None)
+    apply_settings(e, yarn4, gptq, "embedded:dev", None, None)  # GPTQ calibrates under PI: re-quantize
+    assert e.wb.calls == ["pi", "quant", "pi", "quant", "pi", "quant"]
+    apply_settings(e, yarn4, QuantConfig("none"), "embedded:dev", None, None)
+    assert e.wb.calls[-1] == "restore" and e.wb.qstate is None and e.quant_key is None
+
+
+def test_group_size_options_divide_every_width():
+    # SmolLM2: hidden 576 = 9 x 64, intermediate 1536
+    assert group_size_options([576, 1536]) == [16, 32, 64, 0]
+    assert group_size_options([4096, 11008]) == [16, 32, 64, 128, 256, 0]  # 11008 = 2^8 x 43
+    assert group_size_options(None) == [16, 32, 64, 128, 256, 512, 1024, 0]
+    assert default_group_size([16, 32, 64, 0]) == 64 and default_group_size([0]) == 0
+
+
+def test_format_seconds():
+    assert format_seconds(None) == "estimating..."
+    assert format_seconds(4.4) == "4 s" and format_seconds(125) == "2 min 05 s"
