@@ -1,0 +1,323 @@
+"""Per-band rescaling of the W_Q / W_K rows: Q-ROAR's repair.
+
+Definitions (project brief, section 2):
+
+- **Rows of band b.** For every pair j of the band, both rotate_half rows j and j + rotary_dim/2,
+  in every query head of q_proj and every key head of k_proj (fewer heads under GQA; Phi-3's
+  fused qkv_proj through the adapter's row offsets).
+- **Rescaling.** W_Q <- g_b W_Q. Symmetric mode: W_K <- W_K / g_b (logits unchanged in exact
+  arithmetic). Shared mode: W_K <- g_b W_K (band b's logit contribution q_b . k_b times g_b^2, a
+  per-band attention temperature). Biases (Qwen2) are scaled with their rows.
+- **Order.** "before": the scaled full-precision rows are quantized (re-quantized one band at a
+  time through `quant.requantize_rows`); "after": the dequantized rows are scaled.
+- **q_norm / k_norm models** (Qwen3, Gemma 3) RMS-normalise every head before RoPE, which would undo
+  a row scale of W_Q / W_K. There the band's dims of the norm weight are scaled instead (Gemma's norm
+  computes x * (1 + w): then 1 + w' = g (1 + w)). Norm weights are not quantized, so for these
+  models a "before quantization" scale cannot interact with the weight quantizer: "before" and
+  "after" are the same model.
+- **Honesty.** Symmetric rescaling before a row-scale-equivariant quantizer (min-max grids with
+  groups along the input dimension: Q(gW) = g Q(W)) changes nothing but rounding, and so does
+  symmetric rescaling after quantization or without one. `invariance_note` says so.
+
+Scales are one positive finite float per band, shared by all layers. Moving one band's scale
+touches only that band's rows: `Rescaler` keeps full-precision (and quantized) copies of the q/k
+rows only, and re-quantizes only the moved band's rows, never the rest of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qroar import bands as bands_mod
+from qroar.errors import ConfigError, ModelError
+
+MODES = ("symmetric", "shared")
+ORDERS = ("before", "after")
+VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """mode: symmetric (W_K / g) | shared (W_K * g); order: before | after quantization.
+
+    Shared is the default: symmetric rescaling under the default RTN quantizer is a no-op (see
+    `invariance_note`), shared mode changes each band's attention temperature.
+    """
+
+    mode: str = "shared"
+    order: str = "before"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"Unknown rescaling mode {self.mode!r}: choose one of {', '.join(MODES)}.")
+        if self.order not in ORDERS:
+            raise ConfigError(f"Unknown rescaling order {self.order!r}: choose one of {', '.join(ORDERS)} (quantization).")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "order": self.order}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScaleConfig":
+        return cls(**{k: d[k] for k in ("mode", "order") if k in d})
+
+
+def check_scales(scales, n_bands: int | None = None) -> torch.Tensor:
+    """Scales as a float64 1-D tensor; ConfigError naming the band for zero, negative, NaN or inf."""
+    try:
+        t = torch.as_tensor(scales, dtype=torch.float64).reshape(-1).clone()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"Scales must be a list of numbers, one per band ({e}).") from e
+    if n_bands is not None and t.numel() != n_bands:
+        raise ConfigError(f"Got {t.numel()} scales for {n_bands} bands: give exactly one scale per band.")
+    for b, g in enumerate(t.tolist()):
+        if not math.isfinite(g) or g <= 0:
+            raise ConfigError(f"The scale of band {b} is {g}: every scale must be a positive finite number (1 = unchanged).")
+    return t
+
+
+def band_factors(scales: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    """Per-band multipliers of the q rows and of the k rows."""
+    g = torch.as_tensor(scales, dtype=torch.float64)
+    return {"q": g, "k": 1.0 / g if mode == "symmetric" else g.clone()}
+
+
+def invariance_note(quant_cfg, scale_cfg: ScaleConfig, has_qk_norm: bool = False) -> str | None:
+    """A sentence saying why these settings cannot change the model beyond rounding, or None.
+
+    Symmetric mode multiplies q_b by g and k_b by 1/g, so logits are unchanged in exact arithmetic
+    unless the scale reaches a quantizer that is not row-scale-equivariant. RTN and GPTQ with
+    min-max grids per row (groups along the input dim) are equivariant: Q(gW) = g Q(W). So are the
+    AWQ rows here, since re-quantization keeps AWQ's searched input scales and clip ratios frozen.
+    """
+    if scale_cfg.mode != "symmetric":
+        return None
+    from qroar import quant
+
+    if quant_cfg is None or quant_cfg.is_identity:
+        return ("Symmetric rescaling without quantization multiplies q_b by g and k_b by 1/g: the attention "
+                "logits are unchanged in exact arithmetic, so any difference is floating-point rounding.")
+    if scale_cfg.order == "after":
+        return ("Symmetric rescaling after quantization scales the dequantized q rows by g and the k rows by 1/g: "
+                "the logits are unchanged in exact arithmetic, so any difference is rounding noise. "
+                "Use shared mode, or scale before quantization with a per-tensor grid.")
+    if has_qk_norm:
+        return ("This model normalises q and k per head before RoPE, so the scales act on the norm weights, which "
+                "are not quantized: a symmetric scale cannot interact with the weight quantizer and changes only "
+                "rounding. Use shared mode for a real effect.")
+    frozen_awq = quant_cfg.method == "awq" and quant_cfg.group_size != quant.PER_TENSOR
+    if quant.is_row_scale_equivariant(quant_cfg) or frozen_awq:
+        why = ("AWQ's input scales and clip ratios stay frozen when rows are re-quantized, so its min-max groups "
+               "scale with the row" if frozen_awq else
+               "min-max grids with groups along the input dimension give Q(gW) = g Q(W)")
+        return (f"Symmetric rescaling before {quant_cfg.describe()} cannot change the model beyond rounding: {why}. "
+                "Any 'gain' is rounding noise. Use shared mode or a per-tensor grid (group size -2) for a real effect.")
+    return None
+
+
+# ----------------------------------------------------------------------------- rows of one projection
+
+
+def _norm_offset(norm: nn.Module) -> float:
+    """1.0 if the norm computes x * (1 + w) (Gemma), 0.0 if x * w: probe a copy with w = 0."""
+    probe = copy.deepcopy(norm).float()
+    with torch.no_grad():
+        probe.weight.zero_()
+        x = torch.linspace(-1.0, 1.0, probe.weight.numel(), device=probe.weight.device) + 0.5
+        return 0.0 if probe(x[None]).abs().max().item() == 0 else 1.0
+
+
+@dataclass
+class BandRows:
+    """The rows (or norm dims) of one projection that the bands own, with cached copies.
+
+    kind "rows": rows `index` of a Linear's weight (and bias); kind "norm": dims `index` of a q/k
+    norm weight. `band[i]` is the band of index[i].
+    """
+
+    proj: str  # "q" | "k"
+    name: str  # module name in the model (what quant.requantize_rows is keyed by)
+    module: nn.Module
+    kind: str  # "rows" | "norm"
+    index: torch.Tensor  # (R,)
+    band: torch.Tensor  # (R,)
+    fp: torch.Tensor  # (R, in) rows, or (R,) norm dims, full precision, model dtype
+    bias: torch.Tensor | None = None  # (R,) full-precision bias entries
+    offset: float = 0.0  # norm: 1.0 for Gemma's x * (1 + w)
+    quant: torch.Tensor | None = None  # unscaled quantized rows
+    scaled_quant: torch.Tensor | None = None  # rows for "scaled" with order "before"
+
+    def mask(self, b: int) -> torch.Tensor:
+        return self.band == b
+
+    def row_factor(self, factors: torch.Tensor) -> torch.Tensor:
+        """(R,) fp32 multiplier of every row from per-band factors."""
+        return factors.to(torch.float32)[self.band].to(self.fp.device)
+
+
+def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str]) -> BandRows:
+    lin = layer.q_lin if proj == "q" else layer.k_lin
+    off = layer.q_off if proj == "q" else layer.k_off
+    heads = layer.n_heads if proj == "q" else layer.n_kv_heads
+    norm = layer.q_norm if proj == "q" else layer.k_norm
+    idx, band = [], []
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        n = norm.weight.numel()
+        per_head = n == layer.head_dim
+        if not per_head and n != heads * layer.head_dim:
+            raise ModelError(f"Layer {layer.index}: the {proj}_norm weight has {n} entries, neither head_dim nor "
+                             "the projection's width; rescaling does not know its layout.")
+        for b, pairs in enumerate(bands.ranges()):
+            r = (bands_mod.head_rows(pairs, layer.rotary_dim) if per_head
+                 else bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads))
+            idx.append(r), band.append(torch.full_like(r, b))
+        index = torch.cat(idx).to(norm.weight.device)
+        return BandRows(proj, names[id(norm)], norm, "norm", index, torch.cat(band).to(index.device),
+                        norm.weight.detach()[index].clone(), offset=_norm_offset(norm))
+    for b, pairs in enumerate(bands.ranges()):
+        r = bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads, offset=off)
+        idx.append(r), band.append(torch.full_like(r, b))
+    index = torch.cat(idx).to(lin.weight.device)
+    bias = lin.bias.detach()[index].clone() if lin.bias is not None else None
+    return BandRows(proj, names[id(lin)], lin, "rows", index, torch.cat(band).to(index.device),
+                    lin.weight.detach()[index].clone(), bias=bias)
+
+
+# ----------------------------------------------------------------------------- the rescaler
+
+
+class Rescaler:
+    """Per-band scales on one model's q/k rows, with the caches that make moving one band cheap.
+
+    Build it while the model holds its full-precision weights (they are copied, q/k rows only);
+    `attach_quant` while it holds the quantized ones. `write(variant)` puts the rows of a variant
+    into the model in place: "fp", "quant" (unscaled) or "fp_scaled", "scaled" (with the scales).
+    """
+
+    def __init__(self, model: nn.Module, bands: bands_mod.Bands):
+        from qroar.models import attention_layers
+
+        layers = attention_layers(model)
+        if bands.n_pairs != layers[0].rotary_dim // 2:
+            raise ConfigError(f"The bands cover {bands.n_pairs} RoPE pairs but the model has {layers[0].rotary_dim // 2}.")
+        names = {id(m): n for n, m in model.named_modules()}
+        self.bands = bands
+        self.targets = [_proj_rows(layer, p, bands, names) for layer in layers for p in ("q", "k")]
+        self.has_qk_norm = any(t.kind == "norm" for t in self.targets)
+        self.qstate = None
+        self.cfg = ScaleConfig()
+        self.scales = torch.ones(bands.n_bands, dtype=torch.float64)
+        self._written: tuple | None = None  # (variant, version) now in the model
+        self._version = 0
+
+    @property
+    def n_bands(self) -> int:
+        return self.bands.n_bands
+
+    # ------------------------------------------------------------------ quantized rows
+
+    @torch.no_grad()
+    def attach_quant(self, qstate) -> None:
+        """Copy the quantized q/k rows from the model's weights now in place (None: no quantization)."""
+        self.qstate = qstate if qstate is not None and not qstate.cfg.is_identity else None
+        for t in self.targets:
+            quantized = self.qstate is not None and t.kind == "rows" and t.name in self.qstate.originals
+            t.quant = t.module.weight.detach()[t.index].clone() if quantized else None
+            t.scaled_quant = None
+        self._refresh_all()
+
+    # ------------------------------------------------------------------ scales
+
+    def set_scales(self, scales, cfg: ScaleConfig | None = None) -> None:
+        self.scales = check_scales(scales, self.n_bands)
+        self.cfg = cfg or self.cfg
+        self._refresh_all()
+
+    def set_band_scale(self, b: int, g: float) -> None:
+        """Move one band's scale: only that band's q/k rows are recomputed (and re-quantized)."""
+        if not isinstance(b, int) or not 0 <= b < self.n_bands:
+            raise ConfigError(f"Band {b!r} does not exist: choose 0 to {self.n_bands - 1}.")
+        s = self.scales.tolist()
+        s[b] = g
+        self.scales = check_scales(s, self.n_bands)  # names band b if g is bad
+        self._refresh_band(b)
+        self._version += 1
+
+    def _refresh_all(self) -> None:
+        for b in range(self.n_bands):
+            self._refresh_band(b)
+        self._version += 1
+
+    @torch.no_grad()
+    def _refresh_band(self, b: int) -> None:
+        """Recompute the "before" quantized rows of band b (q and k of every layer)."""
+        if self.cfg.order != "before" or self.qstate is None:
+            return
+        from qroar.quant import requantize_rows
+
+        factors = band_factors(self.scales, self.cfg.mode)
+        for t in self.targets:
+            if t.quant is None:
+                continue
+            if t.scaled_quant is None:
+                t.scaled_quant = t.quant.clone()
+            m = t.mask(b)
+            f = float(factors[t.proj][b])
+            if f == 1.0:  # the quantizer's own rows, bit for bit
+                t.scaled_quant[m] = t.quant[m]
+                continue
+            rows = t.fp[m].float() * f
+            t.scaled_quant[m] = requantize_rows(self.qstate, t.name, rows, t.index[m]).to(t.fp.dtype)
+
+    # ------------------------------------------------------------------ writing into the model
+
+    def rows_for(self, t: BandRows, variant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight rows or norm dims, bias entries) of target t under a variant."""
+        if variant not in VARIANTS:
+            raise ConfigError(f"Unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
+        scaled = variant in ("fp_scaled", "scaled")
+        f = t.row_factor(band_factors(self.scales, self.cfg.mode)[t.proj]) if scaled else None
+        if t.kind == "norm":
+            w = t.fp if f is None else ((t.fp.float() + t.offset) * f - t.offset).to(t.fp.dtype)
+            return w, None
+        bias = t.bias if (t.bias is None or f is None) else (t.bias.float() * f).to(t.bias.dtype)
+        quantized = variant in ("quant", "scaled") and t.quant is not None
+        if not scaled:
+            return (t.quant if quantized else t.fp), bias
+        if not quantized:
+            return (t.fp.float() * f[:, None]).to(t.fp.dtype), bias
+        if self.cfg.order == "before":
+            return t.scaled_quant, bias
+        return (t.quant.float() * f[:, None]).to(t.quant.dtype), bias
+
+    @torch.no_grad()
+    def write(self, variant: str, force: bool = False) -> None:
+        """Put the q/k rows (or norm dims) of `variant` into the model, in place."""
+        key = (variant, self._version)
+        if key == self._written and not force:
+            return
+        for t in self.targets:
+            w, bias = self.rows_for(t, variant)
+            t.module.weight.data.index_copy_(0, t.index, w.to(t.module.weight.dtype))
+            if bias is not None:
+                t.module.bias.data.index_copy_(0, t.index, bias.to(t.module.bias.dtype))
+        self._written = key
+
+    def forget_written(self) -> None:
+        """The model's weights were replaced from outside: write again next time."""
+        self._written = None
+
+
+def rescale_model(model: nn.Module, bands: bands_mod.Bands, scales, cfg: ScaleConfig = ScaleConfig()) -> Rescaler:
+    """Scale a full-precision model's q/k band rows in place (the "fp_scaled" variant); returns the Rescaler.
+
+    `rescaler.write("fp")` puts the original rows back.
+    """
+    r = Rescaler(model, bands)
+    r.set_scales(scales, cfg)
+    r.write("fp_scaled")
+    return r

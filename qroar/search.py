@@ -1,0 +1,515 @@
+"""Per-band scale windows and the coordinate-descent search for Q-ROAR's scales.
+
+Windows (rule "ip-tir", `derive_windows`). Each band b gets G_b = [g_min_b, g_max_b], symmetric
+in log-space around 1 with half-width
+
+    w_b = clip(w_max * (IP_min / IP_b) ** (1/4), w_min, w_max),  g_min_b = exp(-w_b), g_max_b = exp(w_b)
+
+IP_b is the band's mean Interpolation Pressure (diagnostics.interpolation_pressure; IP is linear in
+the displacement D, so the ratio IP_min / IP_b is the same at every length, and the longest length
+is used). High-IP bands (high frequencies: many radians per token, little interpolation) get tight
+windows, since a small change of their logits' scale moves attention most; the lowest-pressure band
+gets the full w_max. The fourth root keeps the IP spread (often 10^6) to a usable range of widths.
+Where TIR_W_b > 1 (the band's activation tails inflate at long context; per band the median over
+layers and projections, kind W, full-precision variant), g_min_b is lowered to 1 / TIR_W_b (not
+below g_floor) so the search may shrink the band back to its short-context range. Without a TIR
+table the rule uses IP alone. Defaults: w_max = ln 1.25, w_min = ln 1.02, g_floor = 0.5.
+
+Search (`search`). Candidates per band: n log-spaced values in G_b, the one nearest 1 replaced by
+exactly 1.0. Coordinate descent over bands (band 0 first), 1-2 sweeps: for each band try every
+candidate with the other bands fixed, keep the best. Objective: `perplexity.weighted_objective`
+(length-weighted mean log-perplexity, weights proportional to length by default) on the dev
+documents. Guard: a candidate whose perplexity at the shortest length exceeds the unscaled
+quantized model's by more than `guard_tol` (relative, default 0.5%) is rejected; the shortest
+length is evaluated first so a rejected candidate costs only that. Results are reported on
+held-out documents (fp, quant, scaled per length), never on the dev set alone. Optional k-fold
+stability: fold i searches on the dev documents outside fold i; per-band mean and std of the
+chosen scales are reported.
+
+Checkpoint/resume: after every evaluation the checkpoint JSON (settings hash, every evaluated
+scale vector -> objective, best scales so far, sweep/band position) is written atomically. The
+descent is deterministic and looks every evaluation up there first, so a killed search rerun with
+the same checkpoint replays the finished part for free and reaches the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from qroar.errors import Cancelled, ConfigError, DataError
+from qroar.rescale import MODES, ORDERS, ScaleConfig
+
+CHECKPOINT_SCHEMA = 1
+W_MAX, W_MIN, G_FLOOR = math.log(1.25), math.log(1.02), 0.5
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def _band_ip(ip_table: pd.DataFrame) -> pd.Series:
+    col = "ip_mean" if "ip_mean" in ip_table else "ip"
+    if "band" not in ip_table or col not in ip_table or ip_table.empty:
+        raise DataError("The IP table needs columns band and ip_mean (diagnostics.interpolation_pressure).")
+    t = ip_table
+    if "length" in t:
+        t = t[t["length"] == t["length"].max()]
+    return t.groupby("band")[col].mean().sort_index()
+
+
+def _band_tir(tir_table: pd.DataFrame | None) -> pd.Series | None:
+    if tir_table is None or len(tir_table) == 0:
+        return None
+    t = tir_table
+    if "kind" in t:
+        t = t[t["kind"] == "W"]
+    if "variant" in t and (t["variant"] == "fp").any():
+        t = t[t["variant"] == "fp"]
+    return t.groupby("band")["tir"].median().sort_index()
+
+
+def derive_windows(ip_table: pd.DataFrame, tir_table: pd.DataFrame | None = None, w_max: float = W_MAX,
+                   w_min: float = W_MIN, g_floor: float = G_FLOOR) -> pd.DataFrame:
+    """Windows G_b from IP (and TIR_W when given) by the module docstring's rule.
+
+    Returns one row per band: band, ip, tir (NaN without a TIR table), g_min, g_max, reason.
+    """
+    if not (0 <= w_min <= w_max) or not (0 < g_floor <= 1):
+        raise ConfigError(f"Window half-widths need 0 <= w_min <= w_max and 0 < g_floor <= 1 (got {w_min}, {w_max}, {g_floor}).")
+    ip = _band_ip(ip_table)
+    tir = _band_tir(tir_table)
+    ip_min = float(ip[ip > 0].min()) if (ip > 0).any() else 1.0
+    rows = []
+    for b, ip_b in ip.items():
+        w = w_max if ip_b <= 0 else min(max(w_max * (ip_min / ip_b) ** 0.25, w_min), w_max)
+        g_min, g_max = math.exp(-w), math.exp(w)
+        reason = f"IP {ip_b:.3g} ({ip_b / ip_min:.3g}x the lowest): +-{100 * (g_max - 1):.1f}%"
+        t = float(tir[b]) if tir is not None and b in tir.index else float("nan")
+        if math.isfinite(t) and t > 1 and 1 / t < g_min:
+            g_min = max(1 / t, g_floor)
+            reason += f"; TIR_W {t:.3g} > 1: g_min lowered to {g_min:.3g}"
+        rows.append(dict(band=int(b), ip=float(ip_b), tir=t, g_min=g_min, g_max=g_max, reason=reason))
+    return pd.DataFrame(rows, columns=["band", "ip", "tir", "g_min", "g_max", "reason"])
+
+
+def windows_for(wb, tir_table: pd.DataFrame | None = None, lengths=None, **kw) -> pd.DataFrame:
+    """derive_windows from the workbench's analytic IP (and a TIR table from diagnostics, if any)."""
+    from qroar.diagnostics import interpolation_pressure
+
+    tc = wb.freqs().trained_context
+    lengths = lengths or (tc * 8,)
+    ip = interpolation_pressure(lambda D: wb.freqs(seq_len=D), wb.bands, lengths)
+    return derive_windows(ip, tir_table, **kw)
+
+
+def check_windows(windows, n_bands: int) -> list[tuple[float, float]]:
+    """(g_min, g_max) per band from a windows table or a list of pairs; each must hold 1 and be positive."""
+    if isinstance(windows, pd.DataFrame):
+        pairs = list(zip(windows.sort_values("band")["g_min"], windows.sort_values("band")["g_max"]))
+    else:
+        pairs = [tuple(p) for p in windows]
+    if len(pairs) != n_bands:
+        raise ConfigError(f"Got {len(pairs)} windows for {n_bands} bands: give one window per band.")
+    out = []
+    for b, (lo, hi) in enumerate(pairs):
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= 1 <= hi):
+            raise ConfigError(f"The window of band {b} is [{lo}, {hi}]: it must be positive and contain 1 (g_min <= 1 <= g_max).")
+        out.append((lo, hi))
+    return out
+
+
+def candidates(g_min: float, g_max: float, n: int) -> list[float]:
+    """n log-spaced scales in [g_min, g_max], the one nearest 1 replaced by exactly 1.0 (sorted, distinct)."""
+    if g_min == g_max:
+        return [1.0]
+    logs = torch.linspace(math.log(g_min), math.log(g_max), n, dtype=torch.float64)
+    vals = [float(math.exp(x)) for x in logs]
+    vals[min(range(n), key=lambda i: abs(logs[i]))] = 1.0
+    return sorted(set(vals))
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Search settings. length_weights: one per length (None: proportional to length); k_folds 0: none."""
+
+    n_candidates: int = 7
+    sweeps: int = 1
+    lengths: tuple[int, ...] = (512, 2048)
+    length_weights: tuple[float, ...] | None = None
+    guard_tol: float = 0.005
+    dev_corpus: str = "embedded:dev"
+    heldout_corpus: str = "embedded:heldout"
+    max_windows_per_doc: int | None = 2
+    batch_size: int | None = None
+    mode: str = "shared"
+    order: str = "before"
+    checkpoint: str | None = None
+    k_folds: int = 0
+
+    def __post_init__(self):
+        for name in ("lengths", "length_weights"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
+        if not (isinstance(self.n_candidates, int) and 5 <= self.n_candidates <= 9):
+            raise ConfigError(f"Use 5 to 9 candidates per band, got {self.n_candidates!r}.")
+        if self.sweeps not in (1, 2):
+            raise ConfigError(f"Use 1 or 2 sweeps over the bands, got {self.sweeps!r}.")
+        if not self.lengths or any(not isinstance(n, int) or n < 2 for n in self.lengths) or len(set(self.lengths)) != len(self.lengths):
+            raise ConfigError(f"lengths must be distinct integers >= 2 (tokens), got {self.lengths!r}.")
+        w = self.length_weights
+        if w is not None and (len(w) != len(self.lengths) or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) == 0):
+            raise ConfigError(f"Give one finite non-negative weight per length ({len(self.lengths)}), not all zero; got {w!r}.")
+        if not (isinstance(self.guard_tol, (int, float)) and math.isfinite(self.guard_tol) and self.guard_tol >= 0):
+            raise ConfigError(f"guard_tol must be a finite fraction >= 0 (0.005 = 0.5%), got {self.guard_tol!r}.")
+        if self.mode not in MODES or self.order not in ORDERS:
+            raise ConfigError(f"mode must be one of {MODES} and order one of {ORDERS}; got {self.mode!r}, {self.order!r}.")
+        if not (isinstance(self.k_folds, int) and (self.k_folds == 0 or self.k_folds >= 2)):
+            raise ConfigError(f"k_folds must be 0 (no folds) or at least 2, got {self.k_folds!r}.")
+
+    @property
+    def scale_cfg(self) -> ScaleConfig:
+        return ScaleConfig(self.mode, self.order)
+
+    def weights(self) -> dict[int, float] | None:
+        return None if self.length_weights is None else dict(zip(self.lengths, self.length_weights))
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"Unknown search settings: {', '.join(sorted(unknown))}.")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def _key(fold: str, scales) -> str:
+    return fold + "|" + ("fp" if scales is None else ",".join(f"{float(g):.12g}" for g in scales))
+
+
+class Checkpoint:
+    """Every evaluation of one search, keyed by fold and scale vector; written atomically after each."""
+
+    def __init__(self, path: str | None, settings_hash: str, settings: dict):
+        self.path = Path(path) if path else None
+        self.hash, self.settings = settings_hash, settings
+        self.entries: dict[str, dict] = {}
+        self.position: dict = {}
+        self.best: dict[str, list[float]] = {}
+        self.from_file: set[str] = set()  # keys read from an earlier run's file
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"The search checkpoint {self.path} cannot be read ({e}); delete it to start over.") from e
+        if not isinstance(d, dict) or d.get("kind") != "qroar-search-checkpoint":
+            raise ConfigError(f"{self.path} is not a qroar search checkpoint; choose another --checkpoint file.")
+        if d.get("schema_version") != CHECKPOINT_SCHEMA:
+            raise ConfigError(f"The checkpoint {self.path} has schema {d.get('schema_version')!r}; this qroar reads "
+                              f"{CHECKPOINT_SCHEMA}. Delete it to start over.")
+        if d.get("settings_hash") != self.hash:
+            raise ConfigError(f"The checkpoint {self.path} was written for other settings (model, PI, quantizer, bands, "
+                              "windows, corpus or search options): use the same settings to resume, or delete it / "
+                              "choose another checkpoint file to start over.")
+        self.entries = {e["key"]: e for e in d.get("evaluations", [])}
+        self.from_file = set(self.entries)
+        self.best = d.get("best_scales", {})
+        self.position = d.get("position", {})
+
+    def get(self, fold: str, scales) -> dict | None:
+        return self.entries.get(_key(fold, scales))
+
+    def put(self, fold: str, scales, entry: dict) -> None:
+        self.entries[_key(fold, scales)] = {"key": _key(fold, scales), "fold": fold, **entry}
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from qroar.export import atomic_write_text
+
+        payload = {"kind": "qroar-search-checkpoint", "schema_version": CHECKPOINT_SCHEMA, "settings_hash": self.hash,
+                   "settings": self.settings, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "position": self.position, "best_scales": self.best, "evaluations": list(self.entries.values())}
+        atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class SearchResult:
+    """scales: chosen per band. dev / heldout: one row per (variant, length): log_ppl, ppl, tokens.
+    objective: weighted objective per (split, variant). history: every candidate tried."""
+
+    scales: list[float]
+    scale_cfg: ScaleConfig
+    windows: pd.DataFrame
+    candidates: list[list[float]]
+    history: pd.DataFrame
+    dev: pd.DataFrame
+    heldout: pd.DataFrame
+    objective: dict
+    note: str | None
+    folds: pd.DataFrame | None = None
+    settings: dict = field(default_factory=dict)
+    evaluations: int = 0  # computed in this run
+    reused: int = 0  # taken from the checkpoint
+    seconds: float = 0.0
+
+    @property
+    def gain_is_noise(self) -> bool:
+        return self.note is not None
+
+    def heldout_gain(self) -> float:
+        """Relative change of the held-out objective's perplexity, scaled vs unscaled quantized (negative = better)."""
+        o = self.objective["heldout"]
+        return math.exp(o["scaled"] - o["quant"]) - 1
+
+    def to_dict(self) -> dict:
+        rec = lambda df: None if df is None else json.loads(df.to_json(orient="records"))  # noqa: E731
+        return {
+            "scales": self.scales, "scale": self.scale_cfg.to_dict(), "windows": rec(self.windows),
+            "candidates": self.candidates, "objective": self.objective, "note": self.note,
+            "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
+            "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
+            "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
+        }
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+class _Run:
+    """One search's shared state: workbench, eval settings, checkpoint, progress and ETA."""
+
+    def __init__(self, wb, cfg: SearchConfig, ck: Checkpoint, total: int, progress, cancel, scaled: str, base: str):
+        from qroar.perplexity import EvalConfig
+
+        self.wb, self.cfg, self.ck = wb, cfg, ck
+        self.eval_all = EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc, batch_size=cfg.batch_size)
+        self.short = min(cfg.lengths)
+        self.eval_short = replace(self.eval_all, lengths=(self.short,))
+        rest = tuple(n for n in cfg.lengths if n != self.short)
+        self.eval_rest = replace(self.eval_all, lengths=rest) if rest else None
+        self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
+        self.progress, self.cancel = progress or (lambda f, m: None), cancel
+        self.scaled, self.base = scaled, base
+        self.t0, self.fresh_seconds = time.time(), 0.0
+
+    def _report(self, msg: str) -> None:
+        frac = min(self.done / self.total, 1.0)
+        per = self.fresh_seconds / self.fresh if self.fresh else float("nan")
+        eta = per * (self.total - self.done)
+        self.progress(frac, f"{msg} (eta {eta:.0f}s)" if math.isfinite(eta) else msg)
+
+    def _check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("search cancelled")
+
+    def _eval(self, docs, cfg, variant) -> dict[int, float]:
+        """log-ppl per length of one variant on docs."""
+        res = self.wb.evaluate(docs, cfg, variant, cancel=self.cancel)
+        return {int(r.length): float(r.log_ppl) for r in res.summary.itertuples()}
+
+    def objective(self, logp: dict[int, float]) -> float:
+        from qroar.perplexity import weighted_objective
+
+        df = pd.DataFrame({"length": list(logp), "log_ppl": list(logp.values())})
+        return weighted_objective(df, self.cfg.weights())
+
+    def evaluate(self, fold: str, docs, scales, guard_limit: float | None = None, what: str = "") -> dict:
+        """Objective of `scales` (None: full precision) on docs, from the checkpoint when it is there."""
+        self._check()
+        hit = self.ck.get(fold, scales)
+        if hit is not None and (hit["objective"] is not None or guard_limit is not None):
+            self.done += 1
+            if hit["key"] in self.ck.from_file:
+                self.reused_keys.add(hit["key"])
+            self._report(f"{what} (done before)")
+            return hit
+        t = time.time()
+        if scales is None:
+            variant = "fp"
+        else:
+            variant = self.scaled
+            now = self.wb.scales.tolist() if self.wb.scales is not None else None
+            if now is None:
+                self.wb.set_scales(scales, self.cfg.scale_cfg)
+            else:
+                for b, (a, g) in enumerate(zip(now, scales)):
+                    if a != g:
+                        self.wb.set_band_scale(b, g)
+        logp = self._eval(docs, self.eval_short, variant)
+        entry = {"scales": None if scales is None else list(scales), "objective": None, "log_ppl": logp,
+                 "short_log_ppl": logp[self.short], "guard_ok": True}
+        if guard_limit is not None and logp[self.short] > guard_limit:
+            entry["guard_ok"] = False  # the longer lengths are not worth computing
+        else:
+            if self.eval_rest is not None:
+                logp.update(self._eval(docs, self.eval_rest, variant))
+            entry["objective"] = self.objective(logp)
+        self.ck.put(fold, scales, entry)
+        self.fresh += 1
+        self.fresh_seconds += time.time() - t
+        self.done += 1
+        self._report(what)
+        return entry
+
+
+def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
+    """Coordinate descent from all-ones; returns (scales, best entry, unscaled entry)."""
+    B = len(cands)
+    current = [1.0] * B
+    base = run.evaluate(fold, docs, current, None, f"[{fold}] unscaled quantized baseline")
+    limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
+    best = base
+    for sweep in range(run.cfg.sweeps):
+        for b in range(B):
+            keep = current[b]
+            for g in cands[b]:
+                if g == current[b]:
+                    continue
+                trial = current.copy()
+                trial[b] = g
+                e = run.evaluate(fold, docs, trial, limit, f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g}")
+                better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
+                history.append(dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"],
+                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"]))
+                if better:
+                    best, keep = e, g
+            current[b] = keep
+            run.ck.position = {"fold": fold, "sweep": sweep, "band": b}
+            run.ck.best[fold] = list(current)
+            run.ck.save()
+    return current, best, base
+
+
+def _settings_hash(wb, cfg: SearchConfig, windows, dev, held) -> tuple[str, dict]:
+    s = {
+        "fingerprint": wb.info.fingerprint, "pi": wb.pi.to_dict(),
+        "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
+        "bands": list(wb.bands.edges),
+        "search": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint"},
+        "windows": [[round(a, 12), round(b, 12)] for a, b in windows],
+        "dev": [[d, int(t.numel())] for d, t in zip(dev.doc_ids, dev.tokens)],
+        "heldout": [[d, int(t.numel())] for d, t in zip(held.doc_ids, held.tokens)],
+    }
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16], s
+
+
+def _table(run: _Run, docs, fold: str, scales, variants) -> tuple[pd.DataFrame, dict]:
+    """Per (variant, length) log-ppl of fp, unscaled and scaled models on docs; objective per variant."""
+    rows, obj = [], {}
+    for name in variants:
+        s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
+        e = run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
+        obj[name] = e["objective"]
+        rows += [dict(variant=name, length=L, log_ppl=v, ppl=math.exp(v)) for L, v in sorted(e["log_ppl"].items())]
+    return pd.DataFrame(rows), obj
+
+
+def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str], None] | None = None,
+           cancel: threading.Event | None = None) -> SearchResult:
+    """Find per-band scales for the workbench's model under its PI and quantizer (module docstring).
+
+    windows: a derive_windows table or (g_min, g_max) per band; None derives them from IP alone.
+    Without a quantizer the search runs on full precision (fp_scaled vs fp). On success the chosen
+    scales are set on the workbench; on cancel or error its previous scales are put back.
+    """
+    t0 = time.time()
+    with wb.lock:
+        win_table = windows if isinstance(windows, pd.DataFrame) else None
+        if windows is None:
+            win_table = windows_for(wb)
+            windows = win_table
+        pairs = check_windows(windows, wb.bands.n_bands)
+        if win_table is None:
+            win_table = pd.DataFrame([dict(band=b, g_min=lo, g_max=hi, reason="given") for b, (lo, hi) in enumerate(pairs)])
+        cands = [candidates(lo, hi, cfg.n_candidates) for lo, hi in pairs]
+        dev, held = wb.corpus(cfg.dev_corpus), wb.corpus(cfg.heldout_corpus)
+        if cfg.k_folds and len(dev.doc_ids) < cfg.k_folds:
+            raise DataError(f"{cfg.k_folds}-fold stability needs at least {cfg.k_folds} dev documents; "
+                            f"{cfg.dev_corpus} has {len(dev.doc_ids)}. Use fewer folds or more documents.")
+        h, settings = _settings_hash(wb, cfg, pairs, dev, held)
+        ck = Checkpoint(cfg.checkpoint, h, settings)
+        quantized = wb.qstate is not None
+        scaled, base = ("scaled", "quant") if quantized else ("fp_scaled", "fp")
+        variants = ("fp", "quant", "scaled")
+        per_descent = 1 + cfg.sweeps * sum(len(c) - 1 for c in cands)
+        total = per_descent * (1 + cfg.k_folds) + 6  # + fp, quant, scaled on dev and on held-out
+        run = _Run(wb, cfg, ck, total, progress, cancel, scaled, base)
+        prior = (None if wb.scales is None else wb.scales.clone(), wb.scale_cfg)
+        history: list[dict] = []
+        try:
+            wb.set_scales([1.0] * wb.bands.n_bands, cfg.scale_cfg)
+            scales, _, _ = _descend(run, "all", dev, cands, history)
+            fold_rows = []
+            for k in range(cfg.k_folds):
+                keep = [d for i, d in enumerate(dev.doc_ids) if i % cfg.k_folds != k]
+                fs, _, _ = _descend(run, f"fold{k}", dev.subset(keep), cands, history)
+                fold_rows += [dict(fold=k, band=b, g=g) for b, g in enumerate(fs)]
+            dev_table, dev_obj = _table(run, dev, "all", scales, variants)
+            held_table, held_obj = _table(run, held, "heldout", scales, variants)
+        except BaseException as e:
+            if prior[0] is None:
+                wb.set_scales(None)
+            else:
+                wb.set_scales(prior[0], prior[1])
+            if isinstance(e, Cancelled):
+                where = (f"progress is saved in {ck.path}: run the same search with it to resume" if ck.path
+                         else "no checkpoint file was given, so its progress is lost")
+                raise Cancelled(f"Search cancelled after {run.fresh} evaluations; {where}.") from None
+            raise
+        wb.set_scales(scales, cfg.scale_cfg)
+    folds = None
+    if cfg.k_folds:
+        f = pd.DataFrame(fold_rows)
+        folds = f.groupby("band")["g"].agg(["mean", "std"]).reset_index()
+        folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
+    return SearchResult(
+        scales=[float(g) for g in scales], scale_cfg=cfg.scale_cfg, windows=win_table, candidates=cands,
+        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok"]),
+        dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
+        note=wb.invariance_note(),
+        folds=folds, settings={**settings, "settings_hash": h, "variants": {"scaled": scaled, "quant": base}},
+        evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
+    )
+
+
+def format_result(r: SearchResult) -> str:
+    """Held-out table (lengths x variants), the scales and the honesty note, for the CLI."""
+    piv = r.heldout.pivot(index="length", columns="variant", values="ppl")[["fp", "quant", "scaled"]]
+    piv["scaled_vs_quant_%"] = 100 * (piv["scaled"] / piv["quant"] - 1)
+    lines = ["held-out perplexity:", piv.to_string(float_format=lambda x: f"{x:.4f}"),
+             "scales: " + ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales)),
+             f"held-out objective change: {100 * r.heldout_gain():+.3f}% "
+             f"(dev {100 * (math.exp(r.objective['dev']['scaled'] - r.objective['dev']['quant']) - 1):+.3f}%)"]
+    if r.note:
+        lines.append(f"note: {r.note} The change above is rounding noise, not a gain.")
+    if r.folds is not None:
+        lines.append("k-fold stability of the chosen scales:")
+        lines.append(r.folds.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return "\n".join(lines)
