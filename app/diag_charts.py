@@ -181,3 +181,18 @@ def noise_lines(noise: pd.DataFrame, mode: str = "isolated", value: str = "rel_e
     fig.update_xaxes(title_text="query-key distance (tokens, log)", type="log")
     fig.update_yaxes(title_text="RMS error / RMS logit (%)" if rel else "RMS logit error", rangemode="tozero")
     return _style(fig, height)
+
+
+def figures(tables: dict, trained_context: int | None = None) -> dict[str, go.Figure]:
+    """Every diagnostics figure for a DiagResult's tables, by name (used by the CLI and the report)."""
+    figs = {"bands": bands_figure(tables["pairs"], trained_context), "ip": ip_heatmap(tables["ip"], trained_context)}
+    for kind in ("W", "A"):
+        if (tables["tir"].kind == kind).any():
+            figs[f"tir_{kind}"] = tir_heatmaps(tables["tir"], kind)
+    figs["quant_error"] = quant_error_heatmap(tables["quant_error"])
+    pooled = tables["logit_noise_pooled"]
+    for mode in ("isolated", "accumulated"):
+        if (pooled["mode"] == mode).any():
+            figs[f"logit_noise_{mode}"] = noise_heatmap(pooled, mode)
+            figs[f"logit_noise_{mode}_lines"] = noise_lines(pooled, mode)
+    return figs

@@ -1,6 +1,7 @@
 """Command line: every computation of the dashboard, headless (a GPU server needs no browser).
 
   qroar eval      perplexity, full precision vs quantized, at chosen context lengths
+  qroar diagnose  bands, Interpolation Pressure, TIR_W / TIR_A, per-band quant error, logit noise
   qroar search    find per-band scales (coordinate descent, checkpoint/resume), report on held-out documents
   qroar apply     load a scales file onto its model and evaluate fp / quant / quant+scales on held-out documents
   qroar export    a scales file -> a Hugging Face checkpoint folder with the scales folded in
@@ -391,7 +392,85 @@ def add_eval(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-COMMANDS = [add_eval, add_search, add_apply, add_export]  # a new command: write add_<name>/cmd_<name>, list it here
+def add_diagnose(sub) -> None:
+    d = sub.add_parser("diagnose", help="bands, Interpolation Pressure, TIR_W/TIR_A, quant error, logit noise (JSON + CSV)")
+    _add_model_args(d), _add_pi_args(d), _add_quant_args(d)
+    g = d.add_argument_group("diagnostics")
+    g.add_argument("--corpus", default="embedded:dev", help="documents for the activation captures (one window each)")
+    g.add_argument("--bands", type=int, default=8, help="number of RoPE frequency bands (4-16)")
+    g.add_argument("--band-align", default="log", choices=("log", "yarn"))
+    g.add_argument("--capture-length", type=int, default=None, help="tokens per window (default 2x the trained context)")
+    g.add_argument("--n-docs", type=int, default=4, help="documents pooled (one window each)")
+    g.add_argument("--eps", type=float, default=1e-3, help="tail quantile Q(1-eps)")
+    g.add_argument("--no-axis", action="store_true", help="skip TIR_A (post-RoPE per-axis)")
+    g.add_argument("--noise-layers", default=None, help="comma-separated layers for the logit noise (default: 4 spread over depth)")
+    g.add_argument("--ip-lengths", default=None, help="comma-separated lengths for IP (default 1,2,4,8,16 x trained context)")
+    d.add_argument("--out", default="diagnostics", help="folder for diagnostics.json and one CSV per table")
+    d.add_argument("--figures", default=None, choices=("html", "png", "both"), help="also write the figures (needs plotly; png needs kaleido + Chromium)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_diagnose)
+
+
+def _ints(text, what):
+    from qroar.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise ConfigError(f"{what} expects comma-separated integers, got {text!r}.") from e
+
+
+def cmd_diagnose(a) -> int:
+    from qroar.bands import BandConfig
+    from qroar.diagnostics import DiagConfig, run_diagnostics
+
+    cfg = DiagConfig(bands=BandConfig(n_bands=a.bands, align=a.band_align), capture_length=a.capture_length,
+                     n_docs=a.n_docs, eps=a.eps, axis=not a.no_axis,
+                     noise_layers=_ints(a.noise_layers, "--noise-layers"), ip_lengths=_ints(a.ip_lengths, "--ip-lengths"))
+    wb = open_workbench(a)
+    wb.set_quant(quant_from_args(a, wb.info.trained_context), calib_corpus=a.calib, progress=ProgressBar(a.quiet))
+    res = run_diagnostics(wb, a.corpus, cfg, progress=ProgressBar(a.quiet))
+    t = res.tables
+    print(f"diagnostics of {wb.info.name} under PI {wb.pi.label()}, {wb.quant_cfg.describe() if wb.quant_cfg else 'no quantizer'}, "
+          f"{res.settings['capture_length']} tokens x {len(res.settings['docs'])} docs in {res.settings['seconds']:.1f}s")
+    ip = t["ip"].pivot(index="band", columns="length", values="ip_mean")
+    print("Interpolation Pressure (band mean) by length:\n" + ip.to_string(float_format=lambda x: f"{x:.3g}"))
+    tw = t["tir"][(t["tir"].kind == "W")].groupby(["variant", "proj", "band"]).tir.median().unstack("band")
+    print("TIR_W, median over layers:\n" + tw.to_string(float_format=lambda x: f"{x:.3f}"))
+    ln = t["logit_noise_pooled"]
+    ln = ln[ln["mode"] == "isolated"].pivot(index="band", columns="bucket_lo", values="rel_err")
+    print("Relative logit noise (isolated) by band and distance bucket start:\n" + ln.to_string(float_format=lambda x: f"{x:.3f}"))
+    paths = res.write(a.out)
+    if a.figures:
+        paths += _write_figures(res, a.out, a.figures)
+    print(f"wrote {len(paths)} files to {a.out}")
+    return 0
+
+
+def _write_figures(res, folder, kind) -> list:
+    from qroar.errors import ConfigError
+
+    try:
+        from app.diag_charts import figures
+    except ImportError as e:
+        raise ConfigError(f"Figures need the dashboard's packages (plotly): pip install plotly ({e}).") from e
+    out = []
+    for name, fig in figures(res.tables, res.settings.get("trained_context")).items():
+        if kind in ("html", "both"):
+            out.append(Path(folder) / f"{name}.html")
+            fig.write_html(out[-1], include_plotlyjs=True)  # self-contained: works offline
+        if kind in ("png", "both"):
+            out.append(Path(folder) / f"{name}.png")
+            try:
+                fig.write_image(out[-1], width=1100, height=fig.layout.height or 500)
+            except Exception as e:  # kaleido needs a Chromium; say so instead of a traceback
+                raise ConfigError(f"PNG export failed ({type(e).__name__}: {e}); use --figures html, or install Chromium.") from e
+    return out
+
+
+COMMANDS = [add_eval, add_diagnose, add_search, add_apply, add_export]  # a new command: write add_<name>/cmd_<name>, list it here
 
 
 def build_parser() -> argparse.ArgumentParser:

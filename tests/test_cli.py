@@ -103,3 +103,23 @@ def test_killed_search_resumes_to_the_same_result(tiny_dir, corpus, tmp_path, ca
     for split in ("dev", "heldout"):
         for v in ("fp", "quant", "scaled"):
             assert a["objective"][split][v] == pytest.approx(b["objective"][split][v], abs=1e-9)
+
+
+def test_diagnose_writes_every_table_and_figures(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "diag"
+    rc = main(["diagnose", "--model", tiny_dir, "--pi", "yarn", "--factor", "4", *QUANT, "--corpus", corpus["dev"],
+               "--bands", "4", "--capture-length", "128", "--n-docs", "2", "--out", str(out), "--figures", "html", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "TIR_W, median over layers" in text and "Interpolation Pressure" in text
+    payload = json.loads((out / "diagnostics.json").read_text())
+    assert set(payload["tables"]) >= {"pairs", "ip", "tir", "quant_error", "logit_noise", "logit_noise_pooled"}
+    assert payload["settings"]["capture_length"] == 128 and payload["settings"]["pi"]["rope_type"] == "yarn"
+    for name in ("tir", "ip", "quant_error", "logit_noise"):
+        assert (out / f"{name}.csv").read_text().count("\n") > 1
+    html = (out / "tir_W.html").read_text()
+    assert "plotly" in html.lower() and "<script src=\"http" not in html  # self-contained
+
+
+def test_diagnose_bad_settings_exit_2(tiny_dir, corpus, capsys):
+    assert main(["diagnose", "--model", tiny_dir, "--corpus", corpus["dev"], "--bands", "40", "--quiet"]) == 2
+    assert "4 to 16 bands" in capsys.readouterr().err
