@@ -65,6 +65,28 @@ class TopK:
         return float(self.buf.min())
 
 
+class BandTopK:
+    """TopK for several same-size slots at once: one (slots, k) buffer, one batched topk per chunk.
+
+    No data-dependent filtering, so a chunk costs a fixed number of kernel launches and no host sync.
+    """
+
+    def __init__(self, slots: int, k: int):
+        self.k, self.buf, self.seen = k, None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """x: (slots, n) values of one chunk for every slot."""
+        x = x.float()
+        self.seen += x.shape[1]
+        cat = x if self.buf is None else torch.cat([self.buf, x], dim=1)
+        self.buf = cat if cat.shape[1] <= self.k else torch.topk(cat, self.k, dim=1, sorted=False).values
+
+    def slot(self, i: int) -> "TopK":
+        t = TopK(self.k)
+        t.buf, t.seen = (None if self.buf is None else self.buf[i]), self.seen
+        return t
+
+
 def tail_quantile(chunks, eps: float) -> float:
     """Q_{1-eps} (inverted_cdf) of all values in `chunks` (an iterable of tensors), streamed."""
     chunks = list(chunks)
@@ -114,6 +136,10 @@ class _Proj:
     norm: torch.nn.Module | None
     rows: list[torch.Tensor]  # per band: row indices within the projection slice
 
+    @property
+    def equal(self) -> bool:  # every band owns as many rows: reduce all bands in one batched topk
+        return len({r.numel() for r in self.rows}) == 1
+
 
 @dataclass
 class Samples:
@@ -145,6 +171,7 @@ class TailCapture:
         self.positions = sample_positions
         self.samples: dict[int, Samples] = {i: Samples() for i in self.sample_layers}
         self.tops: dict[tuple, TopK] = {}
+        self.batched: dict[tuple, BandTopK] = {}  # (kind, layer, proj, side) when the proj's bands are equal-size
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         tokens = {"short": trained_context - skip_first, "long": length - trained_context}
         self.projs: list[_Proj] = []
@@ -152,6 +179,12 @@ class TailCapture:
             for name, off, nh, norm in (("q", L.q_off, L.n_heads, L.q_norm), ("k", L.k_off, L.n_kv_heads, L.k_norm)):
                 rows = [proj_rows(r, L.head_dim, L.rotary_dim, nh) for r in bands.ranges()]
                 self.projs.append(_Proj(name, L.index, off, nh, norm, rows))
+                if self.projs[-1].equal:
+                    for side in SIDES:
+                        for kind in self.kinds:
+                            k = tail_k(n_docs * tokens[side] * len(rows[0]), eps)
+                            self.batched[(kind, L.index, name, side)] = BandTopK(len(rows), k)
+                    continue
                 for b, r in enumerate(rows):
                     for side in SIDES:
                         for kind in self.kinds:
@@ -199,6 +232,10 @@ class TailCapture:
                     y = p.norm(y)
                 vals["A"] = apply_rope(y.float(), cos[:, a:b], sin[:, a:b]).abs().reshape(x.shape)
             for kind, v in vals.items():
+                if p.equal:  # (B, t, rows) -> (bands, t * rows_per_band) in one gather
+                    g = v.index_select(-1, torch.cat(rows)).reshape(-1, len(rows), rows[0].numel())
+                    self.batched[(kind, p.layer, p.name, side)].update(g.transpose(0, 1).reshape(len(rows), -1))
+                    continue
                 for band, r in enumerate(rows):
                     self.tops[(kind, p.layer, p.name, band, side)].update(v.index_select(-1, r))
 
@@ -224,6 +261,10 @@ class TailCapture:
 
     # ------------------------------------------------------------------ results
 
+    def _top(self, kind, layer, proj, band, side) -> TopK:
+        key = (kind, layer, proj, side)
+        return self.batched[key].slot(band) if key in self.batched else self.tops[(kind, layer, proj, band, side)]
+
     def table(self) -> pd.DataFrame:
         """Tidy: kind, layer, proj, band, q_short, q_long, tir (= q_long / q_short), n_short, n_long."""
         rows = []
@@ -231,7 +272,7 @@ class TailCapture:
             for proj in ("q", "k"):
                 for b in range(self.bands.n_bands):
                     for kind in self.kinds:
-                        s, lg = self.tops[(kind, L.index, proj, b, "short")], self.tops[(kind, L.index, proj, b, "long")]
+                        s, lg = (self._top(kind, L.index, proj, b, side) for side in SIDES)
                         qs, ql = s.kth_largest(), lg.kth_largest()
                         rows.append(dict(kind=kind, layer=L.index, proj=proj, band=b, q_short=qs, q_long=ql,
                                          tir=ql / qs if qs > 0 else float("nan"), n_short=s.seen, n_long=lg.seen))
