@@ -50,7 +50,7 @@ class EvalConfig:
     stride: int | None = None
     max_windows_per_doc: int | None = None
     batch_size: int | None = None
-    loss_chunk: int = 1024
+    loss_chunk: int | None = None  # None: auto_loss_chunk (1024 on CPU; ~1 GiB of fp32 logits on a GPU)
     add_bos: bool | None = None
 
     def __post_init__(self):
@@ -70,7 +70,7 @@ class EvalConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or empty (no limit / automatic), got {v!r}.")
-        if not _is_int(self.loss_chunk) or self.loss_chunk < 1:
+        if self.loss_chunk is not None and (not _is_int(self.loss_chunk) or self.loss_chunk < 1):
             raise ConfigError(f"loss_chunk must be a positive integer number of positions, got {self.loss_chunk!r}.")
         if self.add_bos is not None and not isinstance(self.add_bos, bool):
             raise ConfigError(f"add_bos must be true, false or empty (automatic), got {self.add_bos!r}.")
@@ -191,6 +191,14 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
 
 
 # ----------------------------------------------------------------------------- memory
+
+
+def auto_loss_chunk(vocab_size: int, device_type: str) -> int:
+    """Positions per loss chunk: 1024 on CPU; on a GPU as many as keep one chunk's fp32 logits near
+    1 GiB (at most 16384), so a 4K window with a 32K vocabulary is one head matmul, not four."""
+    if device_type != "cuda":
+        return 1024
+    return max(1024, min(16384, (1 << 28) // vocab_size // 1024 * 1024))
 
 
 def _dims(model) -> dict:
@@ -333,6 +341,10 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
         raise ConfigError("add_bos is on but neither the tokenizer nor the model config defines a BOS token: turn it off.")
 
     # every window up front: fail before any compute if a length has none at all
+    if cfg.loss_chunk is None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, loss_chunk=auto_loss_chunk(text.vocab_size, input_device(model).type))
     plan, skipped = [], []
     for L in cfg.lengths:
         per_doc = [make_windows(d.long().cpu(), L, bos, cfg.stride, cfg.max_windows_per_doc) for d in token_docs]
@@ -368,6 +380,11 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
                         batch //= 2
                         continue
                     raise OutOfMemory(_oom_message(model, L, batch, cfg.loss_chunk))
+                if not bool(torch.isfinite(sums).all()):  # a NaN perplexity would be charted as if it meant something
+                    raise ConfigError(
+                        f"The loss at length {L} is not finite (NaN or inf logits): the weights overflow "
+                        f"{next(model.parameters()).dtype} under the current settings. Use scales nearer 1, another "
+                        "quantizer setting, or bf16/fp32 instead of fp16.")
                 nll.index_add_(0, owner[a:a + batch], sums.double().cpu())
                 done += len(sums) * L
                 a += batch

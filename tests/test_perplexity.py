@@ -291,3 +291,12 @@ def test_progress_reaches_one_and_cancel_stops(llama):
         evaluate(llama, docs(64), EvalConfig(lengths=(8,)), cancel=ev,
                  progress=lambda f, m: (calls.append(f), ev.set()))
     assert len(calls) == 1
+
+
+def test_auto_loss_chunk_known_values():
+    from qroar.perplexity import auto_loss_chunk
+
+    assert auto_loss_chunk(32000, "cpu") == 1024
+    assert auto_loss_chunk(32000, "cuda") == 8192  # 2^28 / 32000 = 8388 -> 8192: fp32 logits ~1 GiB
+    assert auto_loss_chunk(152064, "cuda") == 1024  # large vocabularies keep small chunks
+    assert auto_loss_chunk(128, "cuda") == 16384
