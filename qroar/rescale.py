@@ -156,7 +156,7 @@ class BandRows:
 
     def row_factor(self, factors: torch.Tensor) -> torch.Tensor:
         """(R,) fp32 multiplier of every row from per-band factors."""
-        return factors.to(torch.float32)[self.band].to(self.fp.device)
+        return factors.to(device=self.band.device, dtype=torch.float32)[self.band].to(self.fp.device)
 
 
 def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str]) -> BandRows:

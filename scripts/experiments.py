@@ -1,0 +1,173 @@
+"""Measured tables for the docs: PI x PTQ coupling, quantizer comparison, Q-ROAR search results.
+
+  python scripts/experiments.py coupling   --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
+  python scripts/experiments.py quantizers --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
+  python scripts/experiments.py qroar      --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
+
+Each writes OUT/<experiment>-<model>.json (every number) and .md (the table as it appears in the docs).
+Perplexity is on the held-out documents of the embedded corpus; searches tune on the dev documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qroar.bands import BandConfig  # noqa: E402
+from qroar.perplexity import EvalConfig, summarize  # noqa: E402
+from qroar.quant import QuantConfig  # noqa: E402
+from qroar.rope import PIConfig  # noqa: E402
+from qroar.search import SearchConfig, search  # noqa: E402
+from qroar.workbench import Workbench  # noqa: E402
+
+
+
+def pis(factor: float) -> dict[str, PIConfig]:
+    return {"none": PIConfig(), "linear": PIConfig("linear", factor), "yarn": PIConfig("yarn", factor)}
+
+
+def ppl_by_length(wb, corpus, lengths, max_windows, variants) -> dict:
+    table = wb.perplexity(corpus, EvalConfig(lengths=tuple(lengths), max_windows_per_doc=max_windows), variants=variants)
+    out = {}
+    for v, t in table.groupby("variant"):
+        s = summarize(t)
+        out[v] = {int(L): float(p) for L, p in zip(s["length"], s["ppl"])}
+    return out
+
+
+def coupling(wb, a) -> tuple[dict, str]:
+    rows = []
+    for pi_name, pi in pis(a.factor).items():
+        wb.set_pi(pi)
+        res = {}
+        for bits in (4, 3):
+            wb.set_quant(QuantConfig(method="rtn", bits=bits, group_size=a.group_size))
+            r = ppl_by_length(wb, a.corpus, a.lengths, a.max_windows, ("fp", "quant") if bits == 4 else ("quant",))
+            res.setdefault("fp", r.get("fp", res.get("fp")))
+            res[f"w{bits}"] = r["quant"]
+        for L in a.lengths:
+            fp, w4, w3 = res["fp"][L], res["w4"][L], res["w3"][L]
+            rows.append(dict(pi=pi_name, length=L, fp=fp, w4=w4, w3=w3,
+                             w4_penalty_pct=100 * (w4 / fp - 1), w3_penalty_pct=100 * (w3 / fp - 1)))
+        print(f"  {pi_name}: done", flush=True)
+    md = ["| PI | length | FP | RTN W4 | W4 penalty | RTN W3 | W3 penalty |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['pi']} | {r['length']} | {r['fp']:.2f} | {r['w4']:.2f} | {r['w4_penalty_pct']:+.1f}% | "
+                  f"{r['w3']:.2f} | {r['w3_penalty_pct']:+.1f}% |")
+    return {"rows": rows}, "\n".join(md)
+
+
+def quantizers(wb, a) -> tuple[dict, str]:
+    rows = []
+    for pi_name in ("none", "yarn"):
+        wb.set_pi(pis(a.factor)[pi_name])
+        fp = None
+        for method in ("rtn", "gptq", "awq"):
+            for bits in (4, 3):
+                q = QuantConfig(method=method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
+                                seq_len=a.calib_len or wb.info.trained_context)
+                t = time.perf_counter()
+                wb.set_quant(q, calib_corpus="embedded:dev")
+                secs = time.perf_counter() - t
+                r = ppl_by_length(wb, a.corpus, a.lengths, a.max_windows, ("quant",) if fp else ("fp", "quant"))
+                fp = fp or r["fp"]
+                for L in a.lengths:
+                    rows.append(dict(pi=pi_name, method=method, bits=bits, length=L, fp=fp[L], ppl=r["quant"][L],
+                                     penalty_pct=100 * (r["quant"][L] / fp[L] - 1), quantize_s=secs))
+                print(f"  {pi_name} {method} w{bits}: {secs:.1f}s", flush=True)
+    md = ["| PI | method | bits | " + " | ".join(f"ppl @{L}" for L in a.lengths) + " | quantize time |",
+          "|---|---|---|" + "---|" * len(a.lengths) + "---|"]
+    for pi_name in ("none", "yarn"):
+        fp = [r for r in rows if r["pi"] == pi_name][: len(a.lengths)]
+        md.append(f"| {pi_name} | FP | 32 | " + " | ".join(f"{r['fp']:.2f}" for r in fp) + " | - |")
+        for method in ("rtn", "gptq", "awq"):
+            for bits in (4, 3):
+                sel = [r for r in rows if r["pi"] == pi_name and r["method"] == method and r["bits"] == bits]
+                md.append(f"| {pi_name} | {method} | {bits} | " + " | ".join(f"{r['ppl']:.2f} ({r['penalty_pct']:+.1f}%)" for r in sel)
+                          + f" | {sel[0]['quantize_s']:.1f} s |")
+    return {"rows": rows}, "\n".join(md)
+
+
+def qroar(wb, a) -> tuple[dict, str]:
+    wb.set_pi(PIConfig(a.pi, a.factor))
+    wb.set_bands(BandConfig(n_bands=a.bands))
+    runs = []
+    for bits in (4, 3):
+        wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
+                                 seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
+        for mode in ("shared", "symmetric"):
+            for order in ("before", "after"):
+                cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
+                                   max_windows_per_doc=a.max_windows, mode=mode, order=order,
+                                   heldout_corpus=a.corpus)
+                t = time.perf_counter()
+                r = search(wb, cfg)
+                wb.set_scales(None)
+                held = r.heldout
+                run = dict(bits=bits, mode=mode, order=order, scales=[round(x, 4) for x in r.scales], note=r.note,
+                           seconds=time.perf_counter() - t, evaluations=r.evaluations, gain_pct=100 * r.heldout_gain(),
+                           heldout=json.loads(held.to_json(orient="records")),
+                           dev_objective=r.objective["dev"], heldout_objective=r.objective["heldout"])
+                runs.append(run)
+                print(f"  w{bits} {mode}/{order}: held-out objective {run['gain_pct']:+.2f}% in {run['seconds']:.0f}s", flush=True)
+    md = [f"| bits | mode | order | " + " | ".join(f"FP @{L}" for L in a.lengths) + " | "
+          + " | ".join(f"PTQ @{L}" for L in a.lengths) + " | " + " | ".join(f"PTQ+Q-ROAR @{L}" for L in a.lengths)
+          + " | held-out objective | scales |",
+          "|---|---|---|" + "---|" * (3 * len(a.lengths) + 2)]
+    for r in runs:
+        h = {(x["variant"], x["length"]): x["ppl"] for x in r["heldout"]}
+        cells = [f"{h[('fp', L)]:.2f}" for L in a.lengths] + [f"{h[('quant', L)]:.2f}" for L in a.lengths]
+        cells += [f"{h[('scaled', L)]:.2f} ({100 * (h[('scaled', L)] / h[('quant', L)] - 1):+.1f}%)" for L in a.lengths]
+        gain = f"{r['gain_pct']:+.2f}%" + (" (invariant: rounding only)" if r["note"] else "")
+        md.append(f"| W{r['bits']} | {r['mode']} | {r['order']} | " + " | ".join(cells) + f" | {gain} | "
+                  + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
+    return {"runs": runs}, "\n".join(md)
+
+
+EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=list(EXPERIMENTS))
+    ap.add_argument("--model", default="qroar-tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", help="fp32 keeps the full-precision baseline exact")
+    ap.add_argument("--lengths", default="256,1024,2048")
+    ap.add_argument("--factor", type=float, default=8.0)
+    ap.add_argument("--pi", default="yarn", help="PI for the qroar experiment")
+    ap.add_argument("--method", default="rtn", help="quantizer for the qroar experiment")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--corpus", default="embedded:heldout")
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--bands", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=7)
+    ap.add_argument("--sweeps", type=int, default=1)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=None)
+    ap.add_argument("--out", default="docs/results")
+    a = ap.parse_args()
+    a.lengths = [int(x) for x in a.lengths.split(",")]
+    t = time.perf_counter()
+    wb = Workbench.open(a.model, device=a.device, dtype=a.dtype)
+    print(f"{a.experiment} on {wb.info.name} ({wb.info.device}/{wb.info.dtype})", flush=True)
+    data, md = EXPERIMENTS[a.experiment](wb, a)
+    meta = {"experiment": a.experiment, "model": wb.info.name, "device": wb.info.device, "dtype": wb.info.dtype,
+            "args": {k: v for k, v in vars(a).items()}, "seconds": round(time.perf_counter() - t, 1),
+            "command": "python scripts/experiments.py " + " ".join(sys.argv[1:])}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{a.experiment}-{wb.info.name.replace(':', '-')}" + (f"-{a.method}" if a.experiment == "qroar" and a.method != "rtn" else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float))
+    (out / f"{stem}.md").write_text(f"<!-- {meta['command']} ({meta['device']}, {meta['dtype']}, {meta['seconds']} s) -->\n{md}\n")
+    print(md)
+    print(f"wrote {out / stem}.json/.md in {meta['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
