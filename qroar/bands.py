@@ -81,7 +81,7 @@ def _split(start: int, stop: int, n: int) -> list[int]:
 def make_bands(n_pairs: int, cfg: BandConfig = BandConfig(), theta: float | None = None, original_context: int | None = None) -> Bands:
     """Partition pairs 0..n_pairs-1 into cfg.n_bands log-spaced bands (YaRN-aligned if asked)."""
     B = cfg.n_bands
-    if not isinstance(B, int) or B < 1:
+    if not isinstance(B, int) or isinstance(B, bool) or B < 1:
         raise ConfigError(f"The number of bands must be a positive integer, got {B!r}.")
     if B > n_pairs:
         raise ConfigError(f"{B} bands is more than this model's {n_pairs} RoPE pairs: choose at most {n_pairs}.")
@@ -91,6 +91,9 @@ def make_bands(n_pairs: int, cfg: BandConfig = BandConfig(), theta: float | None
         return Bands(tuple([0, *_split(0, n_pairs, B), n_pairs]))
     if theta is None or original_context is None:
         raise ConfigError("YaRN-aligned bands need the model's rope_theta and trained context.")
+    fast, slow = cfg.beta_fast, cfg.beta_slow
+    if not all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0 for b in (fast, slow)) or fast <= slow:
+        raise ConfigError(f"YaRN ramp boundaries need beta_fast > beta_slow > 0 (rotations), got {fast!r} and {slow!r}.")
     low, high = yarn_ramp(2 * n_pairs, theta, original_context, cfg.beta_fast, cfg.beta_slow)
     low, high = min(max(low, 0), n_pairs), min(max(high, 0), n_pairs)
     regions = [(a, b) for a, b in ((0, low), (low, high), (high, n_pairs)) if b > a]

@@ -43,6 +43,7 @@ import torch
 from qroar import capture
 from qroar.bands import BandConfig, Bands, bands_for, head_rows, proj_rows
 from qroar.errors import Cancelled, ConfigError, DataError, OutOfMemory
+from qroar.perplexity import reset_dynamic_rope
 from qroar.rope import RopeFreqs
 
 MODES = ("isolated", "accumulated")
@@ -443,6 +444,7 @@ def run_diagnostics(wb, corpus_spec, cfg: DiagConfig = DiagConfig(), progress=No
                 cap = capture.TailCapture(layers, bands, trained, L, len(wins), cfg.eps, cfg.axis, cfg.skip_first,
                                           cfg.chunk_tokens, tuple(sorted(keep)), pairs.positions)
                 with torch.no_grad(), wb.variant(variant) as model, cap.attached(model):
+                    reset_dynamic_rope(model)  # dynamic NTK: the frequencies of exactly L, whatever ran before
                     dev = next(model.parameters()).device
                     for d, ids in enumerate(wins):
                         lo, hi = (0.1, 0.55) if vi == 0 else (0.55, 0.95)
@@ -454,10 +456,17 @@ def run_diagnostics(wb, corpus_spec, cfg: DiagConfig = DiagConfig(), progress=No
             check(0.95, "logit noise")
             noise = logit_noise(layers, bands, pairs, samples["fp"], samples["quant"], fp_w, q_w)
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise OutOfMemory(f"Diagnostics at {L} tokens ran out of GPU memory; the model is unchanged. Use a shorter "
-                              f"capture length, a smaller chunk_tokens (now {cfg.chunk_tokens}) or fewer noise layers.") from None
+            oom = True  # handled below, once this traceback (and the tensors its frames hold) is released
+        else:
+            oom = False
+    if oom:
+        qe = fp_w = q_w = cap = tir = samples = None  # this frame stays in the OutOfMemory traceback: hold no tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        shorter = f"a capture length of about {L // 2} tokens, " if L // 2 > trained else ""
+        raise OutOfMemory(f"Diagnostics at {L} tokens ran out of memory; memory was freed and the model is unchanged. "
+                          f"Try {shorter}fewer documents (now {len(wins)}), a smaller chunk_tokens (now {cfg.chunk_tokens}) "
+                          "or fewer noise layers.")
     tables["tir"] = pd.concat([t.assign(variant=v) for v, t in tir.items()], ignore_index=True)
     tables["logit_noise"] = noise
     tables["logit_noise_pooled"] = pool_layers(noise)

@@ -53,17 +53,42 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is unsupported."""
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def atomic_replace_dir(build, final) -> Path:
-    """Move a fully written folder `build` into place at `final` (an old `final` is replaced whole)."""
+    """Move a fully written folder `build` into place at `final` (an old `final` is replaced whole).
+
+    Where the OS can swap two folders atomically, a kill at any moment leaves the old or the new
+    folder at `final`. Elsewhere the old folder is parked at `.NAME.old` for two renames; an error
+    between them puts it back, and a kill between them is repaired by the next call.
+    """
     build, final = Path(build), Path(final)
-    old = None
+    old = final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():  # an earlier swap was killed between its two renames
+        os.replace(old, final)
+    if final.exists() and _exchange(build, final):
+        shutil.rmtree(build, ignore_errors=True)  # now the old folder
+        return final
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(build, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(build, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -138,7 +163,8 @@ def _parse(path: Path) -> dict:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()) - 1:
+        ends_early = not text.rstrip().endswith(("}", "]")) or e.msg.startswith("Unterminated string")
+        if e.pos >= len(text.rstrip()) - 1 or ends_early:  # a JSON document cut short, wherever the cut fell
             raise ScalesFileError(f"Scales file {path} is truncated (the JSON ends early at line {e.lineno}); "
                                   "save or copy it again.") from None
         raise ScalesFileError(f"Scales file {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
@@ -257,6 +283,9 @@ def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: di
     folder = Path(folder)
     if quantized and wb.qstate is None:
         raise ConfigError("A quantized export needs a quantizer: set one (or export full precision).")
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "qroar_scales.json").exists())):
+        # the export replaces the folder whole: never someone's other files
+        raise ConfigError(f"{folder} exists and is not an earlier qroar export; choose a new or empty folder.")
     scaled = wb.scales is not None
     variant = ("scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -233,8 +234,12 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"{display} needs custom code from its repository (trust_remote_code). Turn it on only if you trust the source.") from e
-        raise ModelError(f"Could not read the config of {display}: {e}") from e
+        raise ModelError(f"Could not read the config of {display}: {str(e).splitlines()[0]} It may need a newer "
+                         "transformers, or custom code (trust_remote_code) if you trust the source.") from e
     except OSError as e:
+        if isinstance(src, Path):  # a local folder was found: its config.json is what failed
+            raise ModelError(f"Could not read {display}/config.json ({str(e).splitlines()[0]}): "
+                             "fix or replace the file.") from e
         raise ModelError(f"Could not find {display}: not a preset, not a local folder, and not reachable on the hub ({str(e).splitlines()[0]}).") from e
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelError(f"{display} needs custom code from its repository (trust_remote_code). Turn it on only if you trust the source.")
@@ -248,6 +253,9 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"Could not load {display}: {msg}. Check the folder is complete and not corrupted.") from e
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met objects that are not tensors
+        raise ModelError(f"The pickle weights of {display} hold objects other than tensors, which could run code; "
+                         "they were not loaded. Convert them to safetensors where you trust the source.") from e
     except Exception as e:  # safetensors raises its own error type for corrupted files
         if type(e).__name__ == "SafetensorError":
             raise ModelError(f"The weights of {display} are corrupted ({e}); download or export them again.") from e

@@ -369,6 +369,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
     model.eval()
     try:
         for L, windows, scored, owner, batch, auto in plan:
+            reset_dynamic_rope(model)
             nll = torch.zeros(len(token_docs), dtype=torch.float64)
             a = 0
             while a < len(windows):
@@ -403,6 +404,20 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
     table = pd.DataFrame(rows, columns=["doc", "length", "windows", "tokens", "nll", "ppl"])
     skipped_df = pd.DataFrame(skipped, columns=["doc", "length", "tokens"])
     return EvalResult(table=table, summary=summarize(table), skipped=skipped_df, config=cfg, bos=bos is not None)
+
+
+def reset_dynamic_rope(model) -> None:
+    """Dynamic NTK rotary modules keep the frequencies of the longest sequence they have seen; start
+    each length from the trained ones, so a result at length L never depends on what ran before."""
+    for m in model.modules():
+        types = getattr(m, "rope_type", None)
+        if not hasattr(m, "original_max_seq_len") or types is None:
+            continue
+        for prefix, t in ({"": types} if isinstance(types, str) else {f"{k}_": v for k, v in types.items()}).items():
+            orig = getattr(m, f"{prefix}original_inv_freq", None)
+            if "dynamic" in str(t) and orig is not None:
+                m.register_buffer(f"{prefix}inv_freq", orig.to(getattr(m, f"{prefix}inv_freq").device), persistent=False)
+                setattr(m, f"{prefix}max_seq_len_cached", m.original_max_seq_len)
 
 
 def _run_batch(model, ids, scored, loss_chunk, L):

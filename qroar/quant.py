@@ -63,6 +63,12 @@ class QuantConfig:
     def validate(self) -> QuantConfig:
         if self.method not in METHODS:
             raise ConfigError(f"quant method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        for name in ("bits", "group_size", "block_size", "awq_grid", "n_samples", "seq_len", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):  # 4.5 bits would build a grid that is not one
+                raise ConfigError(f"{name} must be a whole number, got {v!r}.")
+        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp):
+            raise ConfigError(f"damp must be a number in (0, 1), got {self.damp!r}.")
         if not (2 <= self.bits <= 8 or self.bits == 16):
             raise ConfigError(f"bits={self.bits} is out of range; use 2 to 8 (or 16 for no quantization).")
         if self.group_size < PER_TENSOR:

@@ -187,10 +187,18 @@ def _inv_freq(config, params: dict, seq_len: int | None = None, device=None) -> 
         _, rot = head_dims(c)
         inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
         return inv.float(), 1.0
+    n_pairs = head_dims(c)[1] // 2
+    for key in ("short_factor", "long_factor"):  # a wrong-length list would broadcast or crash inside transformers
+        v = params.get(key)
+        if isinstance(v, (list, tuple)) and len(v) != n_pairs:
+            raise ConfigError(f"{key} needs one factor per RoPE pair ({n_pairs} for this model), got {len(v)}.")
     try:
         inv, att = ROPE_INIT_FUNCTIONS[rope_type](c, device, seq_len=seq_len, **kw)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError, RuntimeError) as e:
         raise ConfigError(f"rope_type {rope_type!r} rejected these parameters ({e}); check factor and its options.") from e
+    if not (torch.isfinite(inv).all() and (inv > 0).all() and math.isfinite(float(att))):
+        raise ConfigError(f"rope_type {rope_type!r} with {params} gives non-finite or non-positive frequencies or "
+                          "attention factor; check factor and its options.")
     return inv.float(), float(att)
 
 

@@ -81,8 +81,13 @@ class Workbench:
 
     def set_pi(self, pi: rope.PIConfig) -> dict:
         with self.lock:
-            rope.text_config(self.model.config).max_position_embeddings = self.base_max_pos
-            params = rope.apply_pi(self.model, pi, self.base_rope)
+            cfg = rope.text_config(self.model.config)
+            before, cfg.max_position_embeddings = cfg.max_position_embeddings, self.base_max_pos
+            try:
+                params = rope.apply_pi(self.model, pi, self.base_rope)
+            except BaseException:  # a rejected setting leaves the config as it was (dynamic NTK had changed it)
+                cfg.max_position_embeddings = before
+                raise
             self.pi = pi
             new = self.bands if self._fixed_edges else bands_mod.bands_for(self.freqs(), self.band_cfg)
             if new != self.bands:  # YaRN-aligned edges can follow the PI setting
@@ -100,6 +105,15 @@ class Workbench:
         from qroar import quant
 
         with self.lock:
+            calib = None  # settings and calibration data are checked before the current quantizer is undone
+            if cfg is not None and cfg.method != "none":
+                cfg.validate()
+                quant.check_group_size(self.model, cfg)
+                if cfg.method in quant.NEEDS_CALIBRATION:
+                    from qroar.calib import calibration_batches
+
+                    tokens = self.corpus(calib_corpus or "embedded:dev").tokens
+                    calib = list(calibration_batches(tokens, cfg.n_samples, cfg.seq_len, cfg.seed))
             self._use("quant")  # unscaled, so what restore() puts back is clean
             self._rescaler = None
             try:
@@ -108,12 +122,6 @@ class Workbench:
                     self.qstate, self.quant_cfg = None, None
                 if cfg is None or cfg.method == "none":
                     return None
-                calib = None
-                if cfg.method in quant.NEEDS_CALIBRATION:
-                    from qroar.calib import calibration_batches
-
-                    tokens = self.corpus(calib_corpus or "embedded:dev").tokens
-                    calib = list(calibration_batches(tokens, cfg.n_samples, cfg.seq_len, cfg.seed))
                 self.qstate = quant.quantize_model(self.model, cfg, calib=calib, progress=progress, cancel=cancel)
                 self.quant_cfg = cfg
                 return self.qstate
