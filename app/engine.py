@@ -271,3 +271,321 @@ def perplexity_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval
         return PerplexityResult(table, summarize_variants(table), settings, int(entry.wb.info.trained_context),
                                 time.time() - t0)
     return run
+
+
+# ----------------------------------------------------------------------------- Q-ROAR: bands, windows, scales
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What Q-ROAR puts on the model: bands (edges by the rule, or explicit ones from a scales file),
+    mode and order (qroar.rescale.ScaleConfig) and one scale per band."""
+
+    bands: Any  # qroar.bands.BandConfig
+    scale: Any  # qroar.rescale.ScaleConfig
+    scales: tuple[float, ...]
+    edges: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {"bands": self.bands.to_dict(), "scale": self.scale.to_dict(), "scales": list(self.scales),
+                "edges": None if self.edges is None else list(self.edges)}
+
+
+def loaded_entry(backend: Backend, key: ModelKey) -> Entry:
+    """The cached entry for reading the model's shape and config off the worker (never its weights)."""
+    from qroar.errors import ModelError
+
+    entry = backend.models.peek(key)
+    if entry is None:
+        raise ModelError(f"{key.name} is no longer loaded (another model replaced it): load it again on Setup.")
+    return entry
+
+
+def band_edges(entry: Entry, pi, band_cfg, edges=None) -> tuple[int, ...]:
+    """The band edges the workbench will use under `pi` (explicit edges win), computed without touching the model."""
+    from qroar import bands as bands_mod, rope
+
+    if edges is not None:
+        return tuple(int(e) for e in edges)
+    freqs = rope.frequencies(entry.wb.model.config, pi, base_params=entry.wb.base_rope)
+    return bands_mod.bands_for(freqs, band_cfg).edges
+
+
+def band_windows(entry: Entry, pi, edges, tir: pd.DataFrame | None = None, moved=None) -> pd.DataFrame:
+    """Windows G_b by the engine's rule (qroar.search.derive_windows: IP, and TIR_W when given) under `pi`,
+    then any windows the user moved by hand. Columns: band, pairs, ip, tir, g_min, g_max, reason, moved."""
+    from qroar import bands as bands_mod, rope
+    from qroar.diagnostics import interpolation_pressure
+    from qroar.search import check_windows, derive_windows
+
+    wb = entry.wb
+    freqs = lambda D=None: rope.frequencies(wb.model.config, pi, seq_len=D, base_params=wb.base_rope)  # noqa: E731
+    bands = bands_mod.Bands(tuple(edges))
+    ip = interpolation_pressure(freqs, bands, (freqs().trained_context * 8,))  # the length search.windows_for uses
+    table = derive_windows(ip, tir)
+    table.insert(1, "pairs", [f"{r.start}-{r.stop - 1}" for r in bands.ranges()])
+    table["moved"] = False
+    if moved is not None:
+        for b, (lo, hi) in enumerate(check_windows(moved, bands.n_bands)):
+            if (lo, hi) != (table.at[b, "g_min"], table.at[b, "g_max"]):
+                table.loc[b, ["g_min", "g_max", "reason", "moved"]] = [lo, hi, "moved by hand", True]
+    return table
+
+
+def matching_tir(diag, edges, pi) -> pd.DataFrame | None:
+    """The TIR table of a diagnostics result if it was measured on these bands under this PI, else None."""
+    if diag is None:
+        return None
+    s = diag.settings
+    if list(s.get("bands", {}).get("edges", [])) != list(edges) or s.get("pi") != pi.to_dict():
+        return None
+    return diag.tables.get("tir")
+
+
+def invariance_note_for(entry: Entry, quant, scale_cfg) -> str | None:
+    """The engine's invariance note (qroar.rescale) for these settings, from the model's shape only."""
+    from qroar.models import attention_layers
+    from qroar.rescale import invariance_note
+
+    has_norm = any(layer.q_norm is not None for layer in attention_layers(entry.wb.model))
+    return invariance_note(None if quant is None or quant.is_identity else quant, scale_cfg, has_norm)
+
+
+def use_tuning(wb, t: Tuning) -> None:
+    """Put bands and scales on the workbench; a changed scale re-computes only its own band's rows."""
+    wb.set_bands(t.bands, edges=t.edges)
+    if wb.scales is None or wb.scale_cfg != t.scale or wb.scales.numel() != len(t.scales):
+        wb.set_scales(list(t.scales), t.scale)
+        return
+    for b, (now, g) in enumerate(zip(wb.scales.tolist(), t.scales)):
+        if now != g:
+            wb.set_band_scale(b, float(g))
+
+
+def _prepare(entry: Entry, pi, quant, tuning: Tuning, calib: str, progress: Progress, cancel, upto: float) -> None:
+    """Apply this session's PI and quantizer, then its bands and scales: progress 0.05 .. `upto` of a job."""
+    apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, upto), cancel)
+    progress(upto, "setting the scales")
+    use_tuning(entry.wb, tuning)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    table: pd.DataFrame  # tidy per (variant, doc, length); variants fp, quant, scaled
+    summary: pd.DataFrame  # per (variant, length)
+    base_key: tuple  # what the fp and quant curves depend on (re-used while it matches)
+    tuning: Tuning
+    note: str | None  # why these scales cannot change the model (None: they can)
+    quantized: bool
+    reused_base: bool
+    trained_context: int
+    seconds: float
+
+
+def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, tuning: Tuning,
+             base: TuneResult | None = None, calib: str = "embedded:dev"):
+    """Perplexity of full precision, quantized and quantized + scales at eval_cfg.lengths.
+
+    The fp and quant curves do not depend on the scales: they are taken from `base` when it was
+    measured with the same model, PI, quantizer, corpus and lengths, so moving a slider costs one
+    variant (and re-quantizes only the moved band's rows).
+    """
+    def run(progress: Progress, cancel: threading.Event) -> TuneResult:
+        t0 = time.time()
+        base_key = (key, pi, quant_key(quant, pi, calib) or quant, corpus, eval_cfg)
+        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
+        with entry.wb.lock:
+            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.2)
+            wb = entry.wb
+            quantized = wb.qstate is not None
+            scaled = "scaled" if quantized else "fp_scaled"
+            reuse = base is not None and base.base_key == base_key
+            variants = (scaled,) if reuse else ("fp", "quant", scaled)
+            progress(0.2, "tokenizing the corpus")
+            table = wb.perplexity(corpus, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
+            note = wb.invariance_note()
+        table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))
+        if reuse:
+            table = pd.concat([base.table[base.table["variant"] != "scaled"], table], ignore_index=True)
+        return TuneResult(table, summarize_variants(table), base_key, tuning, note, quantized, reuse,
+                          int(entry.wb.info.trained_context), time.time() - t0)
+    return run
+
+
+def search_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, windows: pd.DataFrame, cfg,
+               calib: str = "embedded:dev"):
+    """qroar.search.search on this session's model, PI, quantizer and bands, inside `windows`."""
+    def run(progress: Progress, cancel: threading.Event):
+        from qroar.search import search
+
+        start = Tuning(tuning.bands, cfg.scale_cfg, (1.0,) * len(tuning.scales), tuning.edges)
+        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.02))
+        with entry.wb.lock:
+            _prepare(entry, pi, quant, start, calib, progress, cancel, 0.1)
+            cols = windows[["band", "g_min", "g_max", "reason"]].reset_index(drop=True)
+            return search(entry.wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
+    return run
+
+
+# ----------------------------------------------------------------------------- Q-ROAR: scales files and export
+
+
+MAX_SCALES_FILE_BYTES = 1 << 20  # a scales file is a few kB; anything near this is not one
+
+
+@dataclass(frozen=True)
+class ScalesExport:
+    text: str  # the scales file exactly as save_scales wrote it
+    payload: dict
+    file_name: str
+
+
+def scales_file_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, result=None,
+                    calib: str = "embedded:dev"):
+    """The scales file (qroar.export.save_scales, an atomic write into a temporary folder) for these settings."""
+    def run(progress: Progress, cancel: threading.Event) -> ScalesExport:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from qroar.export import save_scales
+
+        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
+        with entry.wb.lock:
+            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.9)
+            with tempfile.TemporaryDirectory(prefix="qroar-scales-") as tmp:
+                text = save_scales(Path(tmp) / "scales.json", entry.wb, result).read_text(encoding="utf-8")
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in entry.wb.info.name.rsplit("/", 1)[-1])
+        return ScalesExport(text, json.loads(text), f"{name}.qroar-scales.json")
+    return run
+
+
+def import_scales(backend: Backend, key: ModelKey, data: bytes, name: str = "scales.json"):
+    """Validate an uploaded scales file (qroar.export.load_scales: JSON only, nothing is executed) against the
+    loaded model; raises ScalesFileError naming the upload, not a temporary path."""
+    import tempfile
+    from pathlib import Path
+
+    from qroar.errors import ScalesFileError
+    from qroar.export import check_model, load_scales
+
+    if len(data) > MAX_SCALES_FILE_BYTES:
+        raise ScalesFileError(f"{name} is {len(data):,} bytes; a scales file is a few kB. Choose the .json that "
+                              "qroar's Export page or `qroar export` wrote.")
+    entry = loaded_entry(backend, key)
+    with tempfile.TemporaryDirectory(prefix="qroar-upload-") as tmp:
+        path = Path(tmp) / "upload.json"
+        path.write_bytes(data)
+        try:
+            sf = load_scales(path)
+            check_model(sf, entry.wb, name)
+        except ScalesFileError as e:
+            raise ScalesFileError(str(e).replace(f"Scales file {path}", name).replace(str(path), name)) from None
+    return sf
+
+
+def settings_from_scales_file(sf) -> dict:
+    """Session settings (app.state names) that reproduce a scales file: PI, quantizer, bands, mode, order, scales."""
+    pi, q = sf.pi, sf.quant
+    out = {"pi.rope_type": pi.rope_type, "pi.factor": float(pi.factor),
+           "pi.original": int(pi.original_max_position_embeddings or 0),
+           **{f"pi.{k}": float(v) for k, v in pi.params if k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")},
+           "qroar.n_bands": sf.band_cfg.n_bands, "qroar.align": sf.band_cfg.align,
+           "qroar.mode": sf.scale_cfg.mode, "qroar.order": sf.scale_cfg.order, "qroar.scales": list(sf.scales),
+           "qroar.edges": {"n_bands": sf.band_cfg.n_bands, "align": sf.band_cfg.align, "edges": list(sf.edges)},
+           "qroar.windows": None}
+    if q is None:
+        out["quant.method"] = "none"
+    else:
+        out.update({"quant.method": q.method, "quant.bits": q.bits, "quant.group_size": q.group_size,
+                    "quant.symmetric": q.symmetric, "quant.scope": q.scope, "quant.calib_samples": q.n_samples,
+                    "quant.calib_len": q.seq_len})
+    return out
+
+
+def check_export_folder(folder: str):
+    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export,
+    since the export replaces the folder whole."""
+    from pathlib import Path
+
+    from qroar.errors import ConfigError
+
+    if not folder or not folder.strip():
+        raise ConfigError("Type the folder to write the checkpoint to (it is created; an earlier export there is replaced).")
+    path = Path(folder.strip()).expanduser().resolve()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{path} is a file: choose a folder.")
+        if any(path.iterdir()) and not (path / "qroar_scales.json").exists():
+            raise ConfigError(f"{path} already holds files that are not a qroar export; the export replaces the "
+                              "whole folder, so choose a new or empty folder.")
+    return path
+
+
+def load_snippet(folder) -> str:
+    """Plain transformers code that loads an exported folder (no qroar needed)."""
+    return (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained(r"{folder}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained(r"{folder}")\n'
+        "# the config carries the position interpolation; qroar_scales.json records the scales"
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointExport:
+    path: str
+    files: list[str]
+    quantized: bool
+    bytes: int
+    snippet: str
+    seconds: float
+
+
+def checkpoint_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, folder, quantized: bool,
+                   result=None, calib: str = "embedded:dev"):
+    """qroar.export.export_checkpoint: the scales folded into full-precision (or fake-quantized) weights."""
+    def run(progress: Progress, cancel: threading.Event) -> CheckpointExport:
+        from qroar.export import export_checkpoint
+
+        t0 = time.time()
+        target = check_export_folder(str(folder))
+        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
+        with entry.wb.lock:
+            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.5)
+            if cancel.is_set():
+                from qroar.errors import Cancelled
+
+                raise Cancelled("Export cancelled before anything was written.")
+            progress(0.5, f"writing {target}")
+            path = export_checkpoint(entry.wb, target, quantized=quantized, result=result)
+        files = sorted(p.name for p in path.iterdir())
+        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        return CheckpointExport(str(path), files, quantized, size, load_snippet(path), time.time() - t0)
+    return run
+
+
+def tuning_from_settings(get: Callable[[str], Any], n_pairs: int) -> Tuning:
+    """The session's Tuning from its settings (`get` = app.state.get); stale pieces fall back to the rule:
+    edges from a scales file only while the band count and alignment match, scales only if one per band."""
+    from qroar.bands import BandConfig
+    from qroar.rescale import ScaleConfig
+
+    n = min(max(int(get("qroar.n_bands")), 1), n_pairs)
+    align = get("qroar.align")
+    beta = {}
+    if get("pi.rope_type") == "yarn":  # YaRN-aligned edges follow the PI's own ramp
+        beta = dict(beta_fast=float(get("pi.beta_fast")), beta_slow=float(get("pi.beta_slow")))
+    fixed = get("qroar.edges") or {}
+    edges = tuple(fixed["edges"]) if fixed.get("n_bands") == n and fixed.get("align") == align else None
+    scales = get("qroar.scales")
+    scales = tuple(float(g) for g in scales) if scales is not None and len(scales) == n else (1.0,) * n
+    return Tuning(BandConfig(n, align, **beta), ScaleConfig(get("qroar.mode"), get("qroar.order")), scales, edges)
+
+
+def moved_windows(get: Callable[[str], Any], edges) -> list | None:
+    """Windows the user moved by hand, while they were moved on these very bands."""
+    moved = get("qroar.windows")
+    if not moved or list(moved.get("edges", [])) != list(edges):
+        return None
+    return moved["windows"]

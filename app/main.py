@@ -25,6 +25,12 @@ PAGES = {
         st.Page(widgets.page_path("perplexity"), title="Perplexity", icon=":material/show_chart:", url_path="perplexity"),
         st.Page(widgets.page_path("diagnostics"), title="Diagnostics", icon=":material/grid_on:", url_path="diagnostics"),
     ],
+    "Q-ROAR": [
+        st.Page(widgets.page_path("tune"), title="Tune", icon=":material/tune:", url_path="tune"),
+        st.Page(widgets.page_path("search"), title="Search", icon=":material/manage_search:", url_path="search"),
+        st.Page(widgets.page_path("export"), title="Export", icon=":material/save:", url_path="export"),
+    ],
+    "Share": [st.Page(widgets.page_path("report"), title="Report", icon=":material/description:", url_path="report")],
     "Learn": [st.Page(widgets.page_path("learn"), title="Learn", icon=":material/school:", url_path="learn")],
 }
 

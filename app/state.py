@@ -60,6 +60,29 @@ DEFAULTS = {
     "eval.max_windows": 4,  # 0: every window of every document
     "eval.stride": 0,  # 0: non-overlapping windows
     "view.log_y": False,
+    # Q-ROAR (Tune, Search, Export): bands, mode/order, scales and windows are shared by the three pages
+    "qroar.n_bands": 8,
+    "qroar.align": "log",  # "log" | "yarn"
+    "qroar.mode": "shared",  # "symmetric" | "shared"
+    "qroar.order": "before",  # "before" | "after" quantization
+    "qroar.scales": None,  # one float per band; None: all 1
+    "qroar.windows": None,  # {"edges": [...], "windows": [[g_min, g_max], ...]} moved by hand; None: the rule's
+    "qroar.edges": None,  # {"n_bands", "align", "edges"} from a scales file; None: edges by the rule
+    "qroar.auto_run": True,  # re-run perplexity when a scale moves
+    "qroar.max_windows": 1,  # windows per document and length on Tune (0: as on Setup)
+    "search.n_candidates": 7,
+    "search.sweeps": 1,
+    "search.lengths": None,  # None: the Setup lengths
+    "search.custom_weights": False,  # False: weights proportional to length
+    "search.weights": None,  # {length: weight}
+    "search.guard_pct": 0.5,
+    "search.dev": "embedded:dev",
+    "search.heldout": "embedded:heldout",
+    "search.max_windows": 2,  # 0: every window
+    "search.checkpoint": "",
+    "search.k_folds": 0,
+    "export.folder": "",
+    "export.quantized": False,
 }
 
 

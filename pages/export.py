@@ -1,0 +1,127 @@
+"""Export: the scales file (preview, download, import) and a checkpoint with the scales folded in."""
+
+from dataclasses import replace
+
+import streamlit as st
+
+from app import state, widgets as w
+from app.engine import (MAX_SCALES_FILE_BYTES, band_edges, checkpoint_job, import_scales, loaded_entry,
+                        scales_file_job, settings_from_scales_file, tuning_from_settings)
+from app.jobs import DONE
+from qroar.errors import QroarError
+
+IMPORTED = "qroar.imported"  # st.session_state: (file id, message) of the last upload handled
+
+
+def search_result_for(tuning):
+    """The last search job when the current scales are the ones it chose (its figures go in the file)."""
+    job = state.result("search")
+    if job is None:
+        return None
+    r = job.result
+    same = tuple(r.scales) == tuple(tuning.scales) and r.scale_cfg == tuning.scale
+    return job if same and list(r.settings.get("bands", [])) == list(tuning.edges or []) else None
+
+
+def handle_upload(upload) -> None:
+    """Validate an uploaded scales file and make it this session's settings; errors are shown, never raised."""
+    if upload is None or st.session_state.get(IMPORTED, (None,))[0] == upload.file_id:
+        return
+    try:
+        sf = import_scales(state.backend(), state.loaded_key(), upload.getvalue(), upload.name)
+    except QroarError as e:
+        st.session_state[IMPORTED] = (upload.file_id, None)
+        st.error(f"{e}", icon=":material/error:")
+        st.caption("Nothing was changed. Choose a scales file written by qroar (Export page or `qroar export`) "
+                   "for the loaded model.")
+        return
+    before = (state.pi_config().label(), state.quant_config().describe())
+    for k, v in settings_from_scales_file(sf).items():
+        state.put(k, v)
+    after = (sf.pi.label(), sf.quant.describe() if sf.quant is not None else "fp")
+    msg = (f"Imported **{upload.name}**: {len(sf.scales)} {sf.band_cfg.align} bands, {sf.scale_cfg.mode} mode, "
+           f"{sf.scale_cfg.order} quantization, scales " + ", ".join(f"{g:.3f}" for g in sf.scales) + ".")
+    if after != before:
+        msg += f" PI and quantizer set to the file's: {after[0]}, {after[1]} (were {before[0]}, {before[1]})."
+    st.session_state[IMPORTED] = (upload.file_id, msg)
+    st.rerun()
+
+
+st.title("Export")
+st.caption("Save the current scales with everything needed to reproduce them, load scales saved before, or write a "
+           "Hugging Face checkpoint with the scales folded into the weights (nothing extra at inference).")
+
+info = w.need_model()
+st.markdown(w.settings_summary())
+
+try:
+    pi, quant = state.pi_config(), state.quant_config()
+    entry = loaded_entry(state.backend(), state.loaded_key())
+    tuning = tuning_from_settings(state.get, int(info["rotary_dim"]) // 2)
+    tuning = replace(tuning, edges=band_edges(entry, pi, tuning.bands, tuning.edges))
+except QroarError as e:
+    st.error(str(e), icon=":material/error:")
+    st.stop()
+found = search_result_for(tuning)
+result = found.result if found is not None else None
+
+# ----------------------------------------------------------------------------- scales file
+st.subheader("1 · Scales file")
+st.caption(f"{len(tuning.scales)} {tuning.bands.align} bands · {tuning.scale.mode} mode · {tuning.scale.order} "
+           "quantization · scales " + ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(tuning.scales))
+           + (" · with the last search's objective and held-out results" if result is not None else ""))
+sig = repr((state.loaded_key(), pi, quant, tuning, found.id if found is not None else None))
+last = state.job("scales_file")
+if last is None or last.meta.get("sig") != sig:
+    if last is not None and not last.is_finished:
+        state.backend().queue.cancel(last.id)
+    state.submit("scales_file", scales_file_job(state.backend(), state.loaded_key(), pi, quant, tuning, result),
+                 label="Preparing the scales file", meta={"sig": sig})
+w.job_status("scales_file")
+job = state.result("scales_file")
+if job is not None:
+    out = job.result
+    if job is not state.job("scales_file") or job.meta.get("sig") != sig:
+        st.caption(":material/history: Preview of the previous settings while the new one is prepared.")
+    st.download_button("Download scales file", out.text, file_name=out.file_name, mime="application/json",
+                       icon=":material/download:", type="primary", disabled=job.meta.get("sig") != sig)
+    with st.container(height=420):  # the file is long (results per length); keep the page compact
+        st.json(out.payload, expanded=2)
+    if out.payload.get("note"):
+        st.caption(f":material/info: {out.payload['note']}")
+
+# ----------------------------------------------------------------------------- import
+st.subheader("2 · Import a scales file")
+done = st.session_state.get(IMPORTED)
+if done is not None and done[1]:
+    st.success(done[1], icon=":material/check_circle:")
+upload = st.file_uploader("Scales file (.json)", type=["json"], max_upload_size=max(1, MAX_SCALES_FILE_BYTES >> 20),
+                          help="Read as JSON and validated against the loaded model; nothing in it is executed.")
+handle_upload(upload)
+st.caption("Its PI, quantizer, bands, mode, order and scales become this session's settings (Setup, Tune and Search "
+           "show them).")
+
+# ----------------------------------------------------------------------------- folded checkpoint
+st.subheader("3 · Folded checkpoint")
+c1, c2 = st.columns([3, 2])
+with c1:
+    w.text("Folder to write", "export.folder", placeholder="exports/my-model-qroar",
+           help="Created if missing; an earlier qroar export there is replaced whole, any other non-empty folder is refused.")
+with c2:
+    w.radio("Weights", "export.quantized", [False, True], horizontal=True,
+            format_func=lambda q: "fake-quantized (as evaluated)" if q else "full precision, scales folded in",
+            help="Full precision: quantize it with your own tool afterwards. Fake-quantized: the exact weights "
+                 "Q-ROAR evaluated, stored in the model's dtype.")
+busy = w.is_running("checkpoint")
+if st.button("Export folded checkpoint", icon=":material/save:", disabled=busy):
+    fn = checkpoint_job(state.backend(), state.loaded_key(), pi, quant, tuning, state.get("export.folder"),
+                        bool(state.get("export.quantized")), result)
+    state.submit("checkpoint", fn, label="Writing the checkpoint", meta={"folder": state.get("export.folder")})
+    st.rerun()
+ck = w.job_status("checkpoint")
+if ck is not None and ck.status == DONE:
+    r = ck.result
+    st.success(f"Written to `{r.path}` ({r.bytes / 1e6:.1f} MB, {'fake-quantized' if r.quantized else 'full precision'}, "
+               f"{r.seconds:.1f} s): " + ", ".join(r.files), icon=":material/check_circle:")
+    st.caption("Load it with plain transformers; qroar is not needed:")
+    st.code(r.snippet, language="python")

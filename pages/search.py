@@ -1,0 +1,176 @@
+"""Search: coordinate descent over the bands inside their windows, judged on held-out documents."""
+
+import json
+import math
+
+import streamlit as st
+
+from app import qroar_charts as qc, state, widgets as w
+from app.charts import length_label
+from app.engine import band_edges, band_windows, loaded_entry, matching_tir, moved_windows, search_job, tuning_from_settings
+from qroar.errors import QroarError
+from qroar.search import SearchConfig
+
+TUNE_KEYS = ("qroar.n_bands", "qroar.align", "qroar.mode", "qroar.order", "qroar.windows", "qroar.edges")
+FOLDS = (0, 2, 3, 4, 5)
+
+
+def weight_key(n: int) -> str:
+    return f"w:search.weight{n}"
+
+
+def set_weight(n: int) -> None:
+    weights = dict(state.get("search.weights") or {})
+    weights[str(n)] = float(st.session_state[weight_key(n)])
+    state.put("search.weights", weights)
+
+
+def use_on_tune(result, settings: dict) -> None:
+    """The searched scales (and the bands, mode, order and windows they were searched with) become Tune's."""
+    for k, v in settings.items():
+        state.put(k, v)
+    state.put("qroar.mode", result.scale_cfg.mode)
+    state.put("qroar.order", result.scale_cfg.order)
+    state.put("qroar.scales", list(result.scales))
+
+
+st.title("Search")
+st.caption("Q-ROAR's search: for each band in turn, try a few scales inside its window with the other bands fixed, "
+           "keep the one with the lowest length-weighted log-perplexity on the dev documents, unless it raises "
+           "short-context perplexity past the guard. Results are reported on held-out documents.")
+
+info = w.need_model()
+trained = int(info["trained_context"])
+n_pairs = int(info["rotary_dim"]) // 2
+st.markdown(w.settings_summary())
+
+try:
+    pi, quant = state.pi_config(), state.quant_config()
+    entry = loaded_entry(state.backend(), state.loaded_key())
+    tuning = tuning_from_settings(state.get, n_pairs)
+    edges = band_edges(entry, pi, tuning.bands, tuning.edges)
+    diag = state.result("diagnostics")
+    windows = band_windows(entry, pi, edges, matching_tir(diag.result if diag is not None else None, edges, pi),
+                           moved_windows(state.get, edges))
+except QroarError as e:
+    st.error(str(e), icon=":material/error:")
+    st.stop()
+st.caption(f"Bands, mode, order and windows come from Tune: {len(edges) - 1} {tuning.bands.align} bands, "
+           f"{tuning.scale.mode} mode, {tuning.scale.order} quantization"
+           + (", windows moved by hand" if windows["moved"].any() else ", windows by the rule") + ".")
+w.link("tune", "Change them on Tune", ":material/tune:")
+
+with st.expander("Search settings", expanded=state.job("search") is None, icon=":material/tune:"):
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        w.slider("Candidates per band", "search.n_candidates", min_value=5, max_value=9, step=1,
+                 help="Log-spaced scales inside the window; the one nearest 1 is exactly 1.")
+        w.radio("Sweeps over the bands", "search.sweeps", [1, 2], horizontal=True)
+        w.select("k-fold stability", "search.k_folds", FOLDS, format_func=lambda k: "off" if k == 0 else f"{k} folds",
+                 help="Search again on k subsets of the dev documents and report the spread of the chosen scales.")
+    with c2:
+        options = state.length_options(trained)
+        lengths = w.multiselect("Context lengths (tokens)", "search.lengths", options,
+                                value=state.get("search.lengths") or state.lengths(),
+                                format_func=lambda n: f"{length_label(n)} ({n / trained:g}x)")
+        custom = w.toggle("Custom weights per length", "search.custom_weights",
+                          help="Off: weights proportional to length, so long contexts count most.")
+        if custom and lengths:
+            stored = state.get("search.weights") or {}
+            wc = st.columns(min(len(lengths), 4))
+            for i, n in enumerate(sorted(lengths)):
+                st.session_state[weight_key(n)] = float(stored.get(str(n), n / min(lengths)))
+                wc[i % len(wc)].number_input(length_label(n), min_value=0.0, step=1.0, format="%g", key=weight_key(n),
+                                             on_change=set_weight, args=(n,))
+        w.number("Short-context guard (%)", "search.guard_pct", min_value=0.0, max_value=100.0, step=0.1, format="%g",
+                 help="Reject a scale that raises perplexity at the shortest length by more than this.")
+    with c3:
+        w.text("Dev corpus", "search.dev", help="embedded:dev, embedded:heldout, a text file or folder, or hf:name:config:split:field")
+        w.text("Held-out corpus", "search.heldout", help="What the results are reported on: keep it apart from the dev corpus.")
+        w.number("Windows per document and length (0 = all)", "search.max_windows", min_value=0, step=1)
+        w.text("Checkpoint file (optional)", "search.checkpoint", placeholder="runs/search.json",
+               help="Written after every evaluation. A search with the same settings and file resumes where it stopped.")
+
+busy = w.is_running("search")
+if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy):
+    try:
+        lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
+        weights = None
+        if state.get("search.custom_weights"):
+            stored = state.get("search.weights") or {}
+            weights = tuple(float(stored.get(str(n), n / lengths[0])) for n in lengths)
+        checkpoint = state.get("search.checkpoint").strip() or None
+        cfg = SearchConfig(
+            n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
+            lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
+            dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
+            max_windows_per_doc=int(state.get("search.max_windows")) or None, mode=tuning.scale.mode,
+            order=tuning.scale.order, checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")))
+    except QroarError as e:
+        st.error(str(e), icon=":material/error:")
+    else:
+        fn = search_job(state.backend(), state.loaded_key(), pi, quant, tuning, windows, cfg)
+        per = 1 + cfg.sweeps * (cfg.n_candidates - 1) * (len(edges) - 1)
+        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands (about {per * (1 + cfg.k_folds) + 6} evaluations)",
+                     meta={"cfg": cfg, "pi": pi.label(), "quant": quant.describe(),
+                           "tune": {k: state.get(k) for k in TUNE_KEYS}})
+        st.rerun()
+
+current = w.job_status("search")
+job = state.result("search")
+if job is None:
+    if current is None:
+        st.info("Press **Start search**. On the default settings it evaluates every candidate of every band once.",
+                icon=":material/info:")
+    st.stop()
+if job is not current:
+    st.caption(":material/history: Showing the previous search.")
+
+r, cfg = job.result, job.meta["cfg"]
+gain = r.heldout_gain()
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
+dev = r.objective["dev"]
+m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['scaled'] - dev['quant']) - 1):+.3f}%")
+m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""))
+m4.metric("Time", f"{r.seconds:.1f} s")
+if r.note:
+    st.warning(f"**The change above is rounding noise, not a gain.** {r.note}", icon=":material/warning:")
+
+st.subheader("Held-out perplexity")
+table = qc.change_table(r.heldout)
+fmt = {"length": st.column_config.NumberColumn("length", format="%d"),
+       **{c: st.column_config.NumberColumn(c, format="%.4f") for c in table if c.startswith("ppl")},
+       **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")}}
+st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
+st.caption(f"{cfg.heldout_corpus} · PI {job.meta['pi']} · {job.meta['quant']} · {r.scale_cfg.mode}, "
+           f"{r.scale_cfg.order} quantization · guard {100 * cfg.guard_tol:g}%")
+with st.expander("Dev perplexity (what the search optimised)"):
+    st.dataframe(qc.change_table(r.dev), hide_index=True, width="stretch", column_config=fmt)
+
+if st.button("Use these scales on Tune", icon=":material/tune:", type="primary"):
+    use_on_tune(r, job.meta["tune"])
+    st.switch_page(w.page_path("tune"))
+
+st.subheader("Chosen scales")
+st.plotly_chart(qc.scales_figure(r.scales, r.windows, r.folds), width="stretch")
+if r.folds is not None:
+    st.caption(f"k-fold stability: each fold searched on the dev documents outside it ({cfg.k_folds} folds). "
+               "A small spread means the choice does not hinge on a few documents.")
+    st.dataframe(r.folds, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in r.folds if c != "band"})
+
+st.subheader("Search trace")
+hist = r.history[r.history["fold"] == "all"]
+if hist.empty:
+    st.caption("No candidate besides 1 was tried (every window is [1, 1]).")
+else:
+    short = min(cfg.lengths)
+    base_short = float(r.dev.query("variant == 'quant' and length == @short")["log_ppl"].iloc[0])
+    st.plotly_chart(qc.trace_figure(hist, dev["quant"], base_short, cfg.guard_tol, r.scales), width="stretch")
+    n_rej = int((~hist["guard_ok"].astype(bool)).sum())
+    st.caption(f"{len(hist)} candidates tried on the dev documents, {n_rej} rejected by the guard (their longer "
+               "lengths were not evaluated). Each point is one candidate with the other bands at their values then.")
+
+st.download_button("Download the search result (JSON)", json.dumps(r.to_dict(), indent=1, default=str),
+                   file_name="qroar_search.json", mime="application/json", icon=":material/download:")

@@ -1,0 +1,280 @@
+"""The Q-ROAR pages (Tune, Search, Export) driven headless (AppTest) on a tiny random Llama saved to a folder,
+and the app-side engine helpers they use."""
+
+import json
+import string
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from app import engine, state  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
+from qroar.errors import ConfigError, ScalesFileError  # noqa: E402
+
+MAIN = str(ROOT / "app" / "main.py")
+TIMEOUT = 120  # two CPU cores shared with other test runs
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer random Llama (head_dim 16: 8 RoPE pairs, trained context 64) with a character tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = dict.fromkeys(string.printable[:95] + "\n")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def finish(at: AppTest) -> AppTest:
+    state.backend().queue.wait_idle(timeout=300)
+    return at.run()
+
+
+def record(at: AppTest):
+    """This AppTest session's record (settings, jobs) in the process-wide registry."""
+    token = at.query_params["s"]
+    return state.backend().registry.session(token[0] if isinstance(token, list) else token)
+
+
+def loaded_app(tiny_dir: str, **settings) -> AppTest:
+    """Setup with the tiny model loaded, lengths 64 and 128 (1x, 2x trained), one window per document."""
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
+    at.selectbox(key="w:model.choice").set_value(state.OTHER_MODEL).run()
+    at.text_input(key="w:model.custom").input(tiny_dir).run()
+    button(at, "Load model").click().run()
+    finish(at)
+    record(at).settings.update({"eval.lengths": [64, 128], "eval.max_windows": 1, **settings})
+    return at
+
+
+def go(at: AppTest, page: str) -> AppTest:
+    return at.switch_page(f"../pages/{page}.py").run()
+
+
+# ----------------------------------------------------------------------------- Tune
+
+
+def test_tune_moving_one_slider_redraws_the_scaled_curve_and_symmetric_rtn_warns(tiny_dir, tmp_path):
+    from conftest import TEXT
+
+    (tmp_path / "doc.txt").write_text(TEXT * 12)
+    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "corpus.source": "path", "corpus.path": str(tmp_path / "doc.txt")}),
+            "tune")
+    ok(at)
+    assert [s.key for s in at.slider if s.key.startswith("w:qroar.g")] == [f"w:qroar.g{b}" for b in range(4)]
+    finish(at)
+    ok(at)
+    assert not at.warning  # shared mode under RTN can change the model
+    first = at.dataframe[0].value
+    assert first["length"].tolist() == [64, 128]
+    assert first["ppl scaled"].tolist() == first["ppl quant"].tolist()  # all scales 1: the quantizer's own rows
+
+    g0 = at.slider(key="w:qroar.g0")
+    assert g0.min < 1 < g0.max  # the window holds 1
+    g0.set_value(g0.max).run()
+    assert 1 < record(at).settings["qroar.scales"][0] <= g0.max  # clamped into the window, never past the slider
+    finish(at)
+    ok(at)
+    moved = at.dataframe[0].value
+    assert (moved["ppl scaled"] != moved["ppl quant"]).all()
+    assert moved["ppl quant"].tolist() == first["ppl quant"].tolist()  # PTQ and FP do not depend on the scales
+    assert record(at).jobs["tune"].result.reused_base  # ... so the move evaluated only the scaled variant
+    assert len(at.get("plotly_chart")) == 2  # curves, scales with windows
+
+    at.radio(key="w:qroar.mode").set_value("symmetric").run()
+    ok(at)
+    texts = [w.value for w in at.warning]
+    assert any("cannot change the quantized model beyond rounding" in t and "rtn w4" in t for t in texts)
+
+    button(at, "Reset scales to 1").click().run()
+    assert record(at).settings["qroar.scales"] is None
+    assert at.slider(key="w:qroar.g0").value == 1.0
+    finish(at)
+
+
+# ----------------------------------------------------------------------------- Search
+
+
+def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(tiny_dir, tmp_path):
+    from conftest import TEXT
+
+    (tmp_path / "dev.txt").write_text(TEXT * 12)
+    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
+    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.auto_run": False, "search.dev": str(tmp_path / "dev.txt"),
+                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    ok(at)
+    at.slider(key="w:search.n_candidates").set_value(5).run()
+    at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
+    at.number_input(key="w:search.max_windows").set_value(1).run()
+    button(at, "Start search").click().run()
+    finish(at)
+    ok(at)
+    assert not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    assert table["length"].tolist() == [64, 128]
+    assert {"ppl fp", "ppl quant", "ppl scaled", "scaled vs PTQ %"} <= set(table.columns)
+    assert (table[["ppl fp", "ppl quant", "ppl scaled"]] > 1).all().all()
+
+    r = record(at).jobs["search"].result
+    assert len(r.history) == 4 * 4  # 4 bands x (5 candidates - the 1 already in place), one sweep
+    for row in r.history.itertuples():
+        w = r.windows.iloc[row.band]
+        assert w.g_min - 1e-12 <= row.g <= w.g_max + 1e-12
+    for b, g in enumerate(r.scales):  # a chosen scale is 1 or a tried candidate that passed the guard
+        assert g == 1.0 or ((r.history.band == b) & (r.history.g == g) & r.history.guard_ok).any()
+    expected = 100 * (table["ppl scaled"] / table["ppl quant"] - 1)
+    assert table["scaled vs PTQ %"].tolist() == pytest.approx(expected.tolist())
+    assert len(at.get("plotly_chart")) == 2  # chosen scales, trace
+
+    button(at, "Use these scales on Tune").click().run()
+    ok(at)
+    assert at.title[0].value == "Tune"
+    assert record(at).settings["qroar.scales"] == r.scales
+    assert [at.slider(key=f"w:qroar.g{b}").value for b in range(4)] == pytest.approx(r.scales, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- Export
+
+
+def test_export_previews_the_current_scales_downloads_and_folds_them_into_a_checkpoint(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qroar import bands
+
+    scales = [1.1, 1.0, 0.95, 1.0]
+    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.scales": scales, "export.folder": str(tmp_path / "out")}),
+            "export")
+    ok(at)
+    finish(at)
+    ok(at)
+    payload = at.json[0].value
+    payload = json.loads(payload) if isinstance(payload, str) else payload
+    assert payload["scales"] == scales and payload["mode"] == "shared" and payload["kind"] == "qroar-scales"
+    assert len(payload["bands"]["edges"]) == 5
+    assert [d.label for d in at.get("download_button")] == ["Download scales file"]
+
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    ok(at)
+    assert any(str(tmp_path / "out") in s.value for s in at.success)
+    assert "AutoModelForCausalLM.from_pretrained" in at.code[0].value
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    edges = payload["bands"]["edges"]
+    for b, g in enumerate(scales):  # full precision, shared mode: every row of band b in q and k is g times the original
+        for proj, heads in (("q_proj", 4), ("k_proj", 2)):
+            rows = bands.proj_rows(range(edges[b], edges[b + 1]), 16, 16, heads)
+            w_new = getattr(exported.model.layers[1].self_attn, proj).weight[rows]
+            w_old = getattr(original.model.layers[1].self_attn, proj).weight[rows]
+            torch.testing.assert_close(w_new, g * w_old, rtol=1e-6, atol=1e-7)
+    assert json.loads((tmp_path / "out" / "qroar_scales.json").read_text())["scales"] == scales
+
+
+def test_importing_a_scales_file_sets_the_session_and_a_malformed_one_shows_an_error(tiny_dir):
+    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.scales": [1.05, 1.0, 1.0, 0.9]}), "export")
+    finish(at)
+    good = json.loads(at.json[0].value) if isinstance(at.json[0].value, str) else at.json[0].value
+    record(at).settings.update({"qroar.scales": None, "qroar.n_bands": 8, "pi.factor": 2.0})
+    at.run()
+    at.file_uploader[0].set_value(("bad.json", b'{"schema_version": 1, "scales": [1.0, ', "application/json")).run()
+    ok(at)
+    errors = [e.value for e in at.error]
+    assert any("bad.json" in e and "truncated" in e for e in errors), errors
+    assert not any("/tmp" in e or "upload.json" in e for e in errors)  # the upload's name, not a temporary path
+    assert record(at).settings["qroar.n_bands"] == 8  # nothing changed
+
+    at.file_uploader[0].set_value(("mine.json", json.dumps(good).encode(), "application/json")).run()
+    ok(at)
+    s = record(at).settings
+    assert s["qroar.scales"] == [1.05, 1.0, 1.0, 0.9] and s["qroar.n_bands"] == 4 and s["pi.factor"] == 8.0
+    assert any("Imported **mine.json**" in m.value for m in at.success)
+    finish(at)
+    ok(at)
+
+
+# ----------------------------------------------------------------------------- engine helpers (no Streamlit)
+
+
+def test_uploaded_file_from_another_model_or_too_large_is_refused(tiny_dir, tmp_path):
+    from conftest import save_tiny
+
+    backend = engine.Backend()
+    key = engine.ModelKey(tiny_dir, device="cpu")
+    backend.models.get(key)
+    with pytest.raises(ScalesFileError, match="a few kB"):
+        engine.import_scales(backend, key, b" " * (engine.MAX_SCALES_FILE_BYTES + 1), "big.json")
+    other = engine.ModelKey(save_tiny(tmp_path / "other", tiny_llama(num_hidden_layers=3)), device="cpu")
+    backend.models.max_models = 2
+    wb = backend.models.get(other).wb
+    wb.set_scales([1.0] * wb.bands.n_bands)
+    from qroar.export import scales_payload
+
+    data = json.dumps(scales_payload(wb)).encode()
+    with pytest.raises(ScalesFileError, match="load the model the scales were made for"):
+        engine.import_scales(backend, key, data, "other.json")
+    assert engine.import_scales(backend, other, data, "other.json").scales == (1.0,) * wb.bands.n_bands
+
+
+def test_export_folder_that_holds_other_files_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a qroar export"):
+        engine.check_export_folder(str(tmp_path))
+    with pytest.raises(ConfigError, match="Type the folder"):
+        engine.check_export_folder("  ")
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "qroar_scales.json").write_text("{}")
+    assert engine.check_export_folder(str(tmp_path / "again")) == (tmp_path / "again").resolve()
+
+
+def test_tuning_from_settings_drops_stale_edges_and_scales():
+    settings = dict(state.DEFAULTS, **{"qroar.n_bands": 4, "qroar.scales": [1.1, 1.0, 1.0, 0.9],
+                                       "qroar.edges": {"n_bands": 4, "align": "log", "edges": [0, 1, 3, 5, 8]}})
+    t = engine.tuning_from_settings(settings.get, 8)
+    assert t.scales == (1.1, 1.0, 1.0, 0.9) and t.edges == (0, 1, 3, 5, 8) and t.scale.mode == "shared"
+    settings["qroar.n_bands"] = 6
+    t = engine.tuning_from_settings(settings.get, 8)
+    assert t.scales == (1.0,) * 6 and t.edges is None
+    settings.update({"qroar.n_bands": 16})
+    assert engine.tuning_from_settings(settings.get, 8).bands.n_bands == 8  # never more bands than pairs
+
+
+def test_use_tuning_moves_only_the_changed_band(tiny_dir):
+    from qroar import models
+    from qroar.bands import BandConfig, proj_rows
+    from qroar.quant import QuantConfig
+    from qroar.rescale import ScaleConfig
+    from qroar.workbench import Workbench
+
+    wb = Workbench(models.load_model(tiny_dir, device="cpu"))
+    wb.set_quant(QuantConfig(method="rtn", bits=4, group_size=16))
+    t = engine.Tuning(BandConfig(4), ScaleConfig(), (1.0, 1.0, 1.0, 1.0))
+    engine.use_tuning(wb, t)
+    before = {n: p.detach().clone() for n, p in wb.model.named_parameters()}  # the quantized weights
+    engine.use_tuning(wb, engine.Tuning(BandConfig(4), ScaleConfig(), (1.0, 1.2, 1.0, 1.0)))
+    with wb.variant("scaled") as m:
+        q = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    rows = set(proj_rows(range(wb.bands.edges[1], wb.bands.edges[2]), 16, 16, 4).tolist())
+    changed = {int(i) for i in (q != before["model.layers.0.self_attn.q_proj.weight"]).any(dim=1).nonzero()}
+    assert changed and changed <= rows  # only band 1's rows moved
+    assert wb.scales.tolist() == [1.0, 1.2, 1.0, 1.0]

@@ -1,0 +1,98 @@
+"""Chart builders of the Q-ROAR pages on synthetic DataFrames (no Streamlit, no model)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app import qroar_charts as qc  # noqa: E402
+
+
+def summary(scaled=(10.0, 19.0), quant=(10.5, 20.0), fp=(10.0, 18.0), lengths=(256, 1024)):
+    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("scaled", scaled))
+            for n, p in zip(lengths, ps)]
+    return pd.DataFrame(rows)
+
+
+def windows(n=3):
+    return pd.DataFrame(dict(band=range(n), g_min=[0.98, 0.9, 0.8][:n], g_max=[1.02, 1.1, 1.25][:n],
+                             reason=["tight", "mid", "wide"][:n]))
+
+
+def test_change_table_gives_percent_changes_known_by_hand():
+    t = qc.change_table(summary())
+    assert t["length"].tolist() == [256, 1024]
+    assert t["PTQ vs FP %"].tolist() == pytest.approx([5.0, 100 * (20 / 18 - 1)])
+    assert t["scaled vs PTQ %"].tolist() == pytest.approx([100 * (10 / 10.5 - 1), -5.0])
+    only_fp = qc.change_table(summary().query("variant == 'fp'"))
+    assert list(only_fp.columns) == ["length", "ppl fp"]
+
+
+def test_tune_figure_draws_three_curves_and_the_change_panel():
+    fig = qc.tune_figure(summary(), trained_context=256)
+    names = [t.name for t in fig.data]
+    assert names[:3] == ["FP (full precision)", "PTQ (quantized)", "PTQ + scales"]
+    change = fig.data[3]
+    assert list(change.y) == pytest.approx([100 * (10 / 10.5 - 1), -5.0])
+    assert change.yaxis == "y2" and fig.layout.xaxis.type == "log"
+    assert len(fig.layout.shapes) == 2 + 1  # trained-context line in both panels, zero line
+
+
+def test_tune_figure_shows_the_previous_scales_dashed_and_works_without_a_quantizer():
+    fig = qc.tune_figure(summary(), 256, previous=summary(scaled=(10.4, 19.5)))
+    prev = [t for t in fig.data if t.name == "previous scales"]
+    assert len(prev) == 1 and prev[0].line.dash == "dash" and list(prev[0].y) == [10.4, 19.5]
+    fp_only = qc.tune_figure(summary().query("variant != 'quant'"))
+    assert len(fp_only.data) == 2 and "yaxis2" not in fp_only.layout.to_plotly_json()
+    with pytest.raises(ValueError):
+        qc.tune_figure(summary().iloc[0:0])
+
+
+def test_scales_figure_puts_each_window_around_its_scale():
+    fig = qc.scales_figure([1.0, 1.05, 0.8], windows())
+    bar, points = fig.data[0], fig.data[1]
+    assert list(bar.base) == [1.0] * 3 and list(bar.y) == pytest.approx([0.0, 0.05, -0.2])
+    assert list(points.y) == [1.0, 1.05, 0.8]
+    lo = [g - e for g, e in zip(points.y, points.error_y.arrayminus)]
+    hi = [g + e for g, e in zip(points.y, points.error_y.array)]
+    assert lo == pytest.approx([0.98, 0.9, 0.8]) and hi == pytest.approx([1.02, 1.1, 1.25])
+    folds = pd.DataFrame(dict(band=[0, 1, 2], mean=[1, 1, 1], std=[0, 0, 0], fold0=[1.0, 1.1, 0.9], fold1=[1.0, 1.0, 0.8]))
+    with_folds = qc.scales_figure([1.0, 1.05, 0.8], windows(), folds)
+    assert [t.name for t in with_folds.data[2:]] == ["k-fold choices"] * 2
+    with pytest.raises(ValueError):
+        qc.scales_figure([1.0, 1.0], windows())
+
+
+def history():
+    """Two bands, three candidates each; band 1's largest candidate fails the guard."""
+    rows = []
+    for b in (0, 1):
+        for g, d_obj, d_short in ((0.9, 0.01, 0.001), (1.1, -0.02, 0.002), (1.2, -0.03, 0.02)):
+            bad = b == 1 and g == 1.2
+            rows.append(dict(fold="all", sweep=0, band=b, g=g, objective=None if bad else 2.0 + d_obj,
+                             short_log_ppl=1.5 + d_short, guard_ok=not bad))
+    return pd.DataFrame(rows)
+
+
+def test_trace_positions_spread_candidates_by_scale_within_their_band():
+    x = qc.trace_positions(history())
+    assert x.iloc[0] < x.iloc[1] < x.iloc[2] < 0.5 < x.iloc[3] < x.iloc[4] < x.iloc[5]
+    assert x.iloc[1] == pytest.approx(0.0) and x.iloc[4] == pytest.approx(1.0)
+
+
+def test_trace_figure_separates_rejected_candidates_and_marks_the_chosen():
+    fig = qc.trace_figure(history(), baseline_objective=2.0, baseline_short=1.5, guard_tol=0.005, chosen=[1.2, 1.1])
+    top = fig.data[0]
+    assert top.name == "sweep 1" and len(top.y) == 5  # the rejected candidate has no objective
+    assert top.y[0] == pytest.approx(100 * (math.exp(0.01) - 1))
+    rejected = [t for t in fig.data if t.name == "rejected by the guard"]
+    assert len(rejected) == 1 and list(rejected[0].y) == pytest.approx([100 * (math.exp(0.02) - 1)])
+    assert rejected[0].marker.symbol == "x"
+    chosen = [t for t in fig.data if t.name == "chosen"][0]
+    assert list(chosen.y) == pytest.approx([100 * (math.exp(-0.03) - 1), 100 * (math.exp(-0.02) - 1)])
+    guard = [s for s in fig.layout.shapes if s.line.dash == "dash"]
+    assert guard and guard[0].y0 == pytest.approx(0.5)
