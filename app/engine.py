@@ -183,9 +183,10 @@ def quant_widths(model) -> dict[str, list[int]]:
 
 
 def group_size_options(widths: list[int] | None) -> list[int]:
-    """Group sizes dividing every width (all standard ones when widths are unknown), then per-channel (0)."""
+    """Group sizes dividing every width (all standard ones when widths are unknown), then per-channel (0)
+    and per-tensor (-2: one grid per weight, not row-scale-equivariant, where symmetric rescaling acts)."""
     sizes = [g for g in GROUP_SIZES if not widths or all(w % g == 0 for w in widths)]
-    return sizes + [0]
+    return sizes + [0, -2]
 
 
 def default_group_size(sizes: list[int]) -> int:

@@ -115,7 +115,7 @@ with q2:
     w.slider("Bits", "quant.bits", min_value=2, max_value=8, disabled=method == "none")
 with q3:
     w.select("Group size", "quant.group_size", sizes, fallback=default_group_size(sizes),
-             format_func=lambda g: "per channel" if g == 0 else str(g), disabled=method == "none",
+             format_func=lambda g: {0: "per channel", -2: "per tensor"}.get(g, str(g)), disabled=method == "none",
              help="input channels sharing one scale; only sizes dividing every layer width of the loaded model are listed")
 with q4:
     scope = w.select("Scope", "quant.scope", SCOPES, disabled=method == "none")

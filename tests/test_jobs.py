@@ -218,9 +218,9 @@ def test_apply_settings_requantizes_only_when_the_quantized_state_depends_on_wha
 
 def test_group_size_options_divide_every_width():
     # SmolLM2: hidden 576 = 9 x 64, intermediate 1536
-    assert group_size_options([576, 1536]) == [16, 32, 64, 0]
-    assert group_size_options([4096, 11008]) == [16, 32, 64, 128, 256, 0]  # 11008 = 2^8 x 43
-    assert group_size_options(None) == [16, 32, 64, 128, 256, 512, 1024, 0]
+    assert group_size_options([576, 1536]) == [16, 32, 64, 0, -2]
+    assert group_size_options([4096, 11008]) == [16, 32, 64, 128, 256, 0, -2]  # 11008 = 2^8 x 43
+    assert group_size_options(None) == [16, 32, 64, 128, 256, 512, 1024, 0, -2]
     assert default_group_size([16, 32, 64, 0]) == 64 and default_group_size([0]) == 0
 
 
