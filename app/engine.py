@@ -384,7 +384,7 @@ class TuneResult:
 
 
 def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, tuning: Tuning,
-             base: TuneResult | None = None, calib: str = "embedded:dev"):
+             base: TuneResult | None = None, calib: str = "embedded:dev", control: bool = False):
     """Perplexity of full precision, quantized and quantized + scales at eval_cfg.lengths.
 
     The fp and quant curves do not depend on the scales: they are taken from `base` when it was
@@ -401,13 +401,17 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             quantized = wb.qstate is not None
             scaled = "scaled" if quantized else "fp_scaled"
             reuse = base is not None and base.base_key == base_key
-            variants = (scaled,) if reuse else ("fp", "quant", scaled)
+            # FP + scales is the control: a gain it shares is a temperature effect, not a quantization repair
+            extra = ("fp_scaled",) if quantized and control else ()
+            variants = (scaled, *extra) if reuse else ("fp", "quant", scaled, *extra)
             progress(0.2, "tokenizing the corpus")
             table = wb.perplexity(corpus, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
             note = wb.invariance_note()
-        table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))
+        if not quantized:
+            table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))
         if reuse:
-            table = pd.concat([base.table[base.table["variant"] != "scaled"], table], ignore_index=True)
+            keep = ~base.table["variant"].isin(["scaled", "fp_scaled"])
+            table = pd.concat([base.table[keep], table], ignore_index=True)
         return TuneResult(table, summarize_variants(table), base_key, tuning, note, quantized, reuse,
                           int(entry.wb.info.trained_context), time.time() - t0)
     return run

@@ -18,6 +18,7 @@ STYLE = {  # variant -> (label, colour)
     "fp": ("FP (full precision)", VARIANT_STYLE["fp"][1]),
     "quant": ("PTQ (quantized)", VARIANT_STYLE["quant"][1]),
     "scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
+    "fp_scaled": ("FP + scales (control)", "#8e6cc8"),
 }
 PREVIOUS_COLOUR = "#9e9e9e"
 WINDOW_COLOUR = "#555555"
@@ -62,14 +63,14 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
         fig.add_trace(go.Scatter(x=prev["length"], y=prev["ppl"], name="previous scales", mode="lines+markers",
                                  line=dict(color=PREVIOUS_COLOUR, width=1.5, dash="dash"), marker=dict(size=6),
                                  hovertemplate="previous scales: %{y:.4f}<extra></extra>"), row=1, col=1)
-    for v in ("fp", "quant", "scaled"):
+    for v in ("fp", "fp_scaled", "quant", "scaled"):
         d = summary[summary["variant"] == v].sort_values("length")
         if d.empty:
             continue
         name, colour = STYLE[v]
         wide = v == "quant"  # drawn under PTQ + scales: wider, so it shows where the two coincide
         fig.add_trace(go.Scatter(x=d["length"], y=d["ppl"], name=name, mode="lines+markers",
-                                 line=dict(color=colour, width=6 if wide else 2.5, dash="dot" if v == "fp" else None),
+                                 line=dict(color=colour, width=6 if wide else 2.5, dash={"fp": "dot", "fp_scaled": "dash"}.get(v)),
                                  marker=dict(size=13 if wide else 8),
                                  hovertemplate=f"{name}: %{{y:.4f}}<extra></extra>"), row=1, col=1)
     if has_change:

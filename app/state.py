@@ -69,6 +69,7 @@ DEFAULTS = {
     "qroar.windows": None,  # {"edges": [...], "windows": [[g_min, g_max], ...]} moved by hand; None: the rule's
     "qroar.edges": None,  # {"n_bands", "align", "edges"} from a scales file; None: edges by the rule
     "qroar.auto_run": True,  # re-run perplexity when a scale moves
+    "qroar.control": False,  # also evaluate FP + scales (tells temperature gains from quantization repair)
     "qroar.max_windows": 1,  # windows per document and length on Tune (0: as on Setup)
     "search.n_candidates": 7,
     "search.sweeps": 1,

@@ -104,18 +104,21 @@ with left:
         st.rerun()
     run = st.button("Run now", icon=":material/play_arrow:", width="stretch", type="primary")
     w.toggle("Re-run on every move", "qroar.auto_run")
+    w.toggle("Also FP + scales (control)", "qroar.control",
+             help="Shared mode is a per-band attention temperature: if FP + scales improves as much as PTQ + scales, "
+                  "the gain is not a repair of quantization noise. Costs one more evaluation per move.")
     w.number("Windows per document and length (0 = as on Setup)", "qroar.max_windows", min_value=0, step=1,
              help="Fewer windows keep each re-run quick; Perplexity on its own page uses the Setup value.")
 
 # One job per distinct setting: a move while a run is going cancels that run and queues the new one.
-sig = repr((state.loaded_key(), pi, quant, corpus, cfg, replace(tuning, edges=edges)))
+sig = repr((state.loaded_key(), pi, quant, corpus, cfg, replace(tuning, edges=edges), state.get("qroar.control")))
 last = state.job("tune")
 if run or (state.get("qroar.auto_run") and (last is None or last.meta.get("sig") != sig)):
     if last is not None and not last.is_finished:
         state.backend().queue.cancel(last.id)
     base = state.result("tune")
     fn = tune_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg, tuning,
-                  base.result if base is not None else None)
+                  base.result if base is not None else None, control=bool(state.get("qroar.control")))
     state.submit("tune", fn, label=f"Perplexity with scales at {len(cfg.lengths)} length(s)",
                  meta={"sig": sig, "pi": pi.label(), "quant": quant.describe()})
 

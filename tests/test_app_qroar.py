@@ -278,3 +278,27 @@ def test_use_tuning_moves_only_the_changed_band(tiny_dir):
     changed = {int(i) for i in (q != before["model.layers.0.self_attn.q_proj.weight"]).any(dim=1).nonzero()}
     assert changed and changed <= rows  # only band 1's rows moved
     assert wb.scales.tolist() == [1.0, 1.2, 1.0, 1.0]
+
+
+def test_tune_job_control_adds_fp_plus_scales_and_keeps_it_apart_from_ptq_plus_scales(tiny_dir, tmp_path):
+    import threading
+
+    from qroar.bands import BandConfig
+    from qroar.perplexity import EvalConfig
+    from qroar.quant import QuantConfig
+    from qroar.rescale import ScaleConfig
+    from qroar.rope import PIConfig
+
+    text = "".join(string.ascii_letters[(i * 7) % 52] for i in range(600))
+    (tmp_path / "doc.txt").write_text(text)
+    backend = engine.Backend()
+    key = engine.ModelKey(tiny_dir, "cpu", "auto", False, False)
+    tuning = engine.Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.3, 1.0, 0.8, 1.0))
+    fn = engine.tune_job(backend, key, PIConfig("linear", 2.0), QuantConfig(method="rtn", bits=3, group_size=16),
+                         str(tmp_path / "doc.txt"), EvalConfig(lengths=(64, 128), max_windows_per_doc=1), tuning, control=True)
+    res = fn(lambda f, m: None, threading.Event())
+    ppl = res.summary.set_index(["variant", "length"])["ppl"]
+    assert set(res.summary["variant"]) == {"fp", "quant", "scaled", "fp_scaled"}
+    for n in (64, 128):  # shared scales move both curves away from their unscaled ones, independently
+        assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("scaled", n)] != ppl[("quant", n)]
+        assert ppl[("fp_scaled", n)] != ppl[("scaled", n)]

@@ -96,3 +96,11 @@ def test_trace_figure_separates_rejected_candidates_and_marks_the_chosen():
     assert list(chosen.y) == pytest.approx([100 * (math.exp(-0.03) - 1), 100 * (math.exp(-0.02) - 1)])
     guard = [s for s in fig.layout.shapes if s.line.dash == "dash"]
     assert guard and guard[0].y0 == pytest.approx(0.5)
+
+
+def test_tune_figure_draws_the_fp_plus_scales_control_dashed():
+    s = pd.concat([summary(), pd.DataFrame([dict(variant="fp_scaled", length=n, ppl=p, tokens=1000)
+                                            for n, p in ((256, 9.5), (1024, 17.0))])], ignore_index=True)
+    fig = qc.tune_figure(s, trained_context=256)
+    control = next(t for t in fig.data if t.name == "FP + scales (control)")
+    assert list(control.y) == [9.5, 17.0] and control.line.dash == "dash"
