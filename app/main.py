@@ -3,6 +3,7 @@
 Run with `streamlit run app/main.py`. A new page is one file in pages/ plus one st.Page line below.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 import streamlit as st  # noqa: E402
 
 from app import state, widgets  # noqa: E402
+from qroar.errors import QroarError  # noqa: E402
 
 st.set_page_config(page_title="Q-ROAR", page_icon=":material/graphic_eq:", layout="wide")
 state.session()  # creates or re-attaches this session (?s=<token> in the URL)
@@ -36,4 +38,13 @@ PAGES = {
 
 nav = st.navigation(PAGES)
 widgets.sidebar_status()
-nav.run()
+try:
+    nav.run()
+except QroarError as e:  # a user-caused problem raised in page code: say it, keep the app up
+    st.error(f"{e}")
+except Exception as e:  # a bug: show what happened and how to report it, never a bare traceback page
+    if type(e).__name__ == "FragmentHandledException":  # Streamlit's own control flow for fragments
+        raise
+    logging.getLogger("qroar.app").exception("page %s failed", nav.title)
+    st.error(f"Unexpected error on this page ({type(e).__name__}: {e}). This is a bug: reload the page to go on, "
+             "and please report it with the steps that led here.")

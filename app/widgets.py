@@ -133,8 +133,9 @@ def _running(job_id: str) -> None:
         else:
             st.progress(job.progress, text=f"{job.label}: {job.message}")
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
-        c1.caption(f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · "
-                   f"about {format_seconds(job.eta)} left" if job.status != QUEUED else "queued")
+        left = "estimating time left" if job.eta is None else f"about {format_seconds(job.eta)} left"
+        c1.caption(f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · {left}"
+                   if job.status != QUEUED else "queued")
         if c2.button("Cancel", key=f"cancel:{job.id}", icon=":material/stop_circle:", width="stretch"):
             q.cancel(job.id)
             st.rerun()
@@ -166,6 +167,56 @@ def model_card(info: dict) -> None:
         extra = {k: v for k, v in rp.items() if k not in ("rope_theta",)}
         st.caption(f"RoPE parameters: `{extra}` · hidden {info['hidden_size']} · vocab {info['vocab_size']:,} · "
                    f"weights fingerprint `{info['fingerprint']}`")
+        if info.get("devices"):
+            st.dataframe(device_memory(info["devices"]), hide_index=True, width="stretch",
+                         column_config={"modules": st.column_config.TextColumn("modules", width="large")})
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), else its peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def device_memory(devices: dict):
+    """One row per device holding the model (ModelInfo.devices): its modules, the model's weights there, and
+    the device's memory now: used / total (whole GPU, or RAM less MemAvailable) and this process's share
+    (CUDA memory allocated, CPU resident set)."""
+    import os
+
+    import pandas as pd
+    import torch
+
+    GiB, rows = 1024**3, []
+    for dev, d in devices.items():
+        row = {"device": dev, "modules": ", ".join(d.get("modules", [])), "weights_gib": d.get("bytes", 0) / GiB,
+               "used_gib": None, "total_gib": None, "this_process_gib": None}
+        if dev.startswith("cuda") and torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info(torch.device(dev))
+            row.update(used_gib=(total - free) / GiB, total_gib=total / GiB,
+                       this_process_gib=torch.cuda.memory_allocated(torch.device(dev)) / GiB)
+        elif dev == "cpu":
+            rss = _rss_bytes()
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):
+                total = None
+            from qroar.perplexity import available_memory
+
+            avail = available_memory(torch.device("cpu"))
+            row.update(used_gib=None if avail is None or total is None else (total - avail) / GiB,
+                       this_process_gib=None if rss is None else rss / GiB, total_gib=None if total is None else total / GiB)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["device", "modules", "weights_gib", "used_gib", "total_gib", "this_process_gib"])
 
 
 def need_model() -> dict:

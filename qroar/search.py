@@ -92,7 +92,7 @@ def derive_windows(ip_table: pd.DataFrame, tir_table: pd.DataFrame | None = None
     for b, ip_b in ip.items():
         w = w_max if ip_b <= 0 else min(max(w_max * (ip_min / ip_b) ** 0.25, w_min), w_max)
         g_min, g_max = math.exp(-w), math.exp(w)
-        reason = f"IP {ip_b:.3g} ({ip_b / ip_min:.3g}x the lowest): +-{100 * (g_max - 1):.1f}%"
+        reason = f"IP {ip_b:.3g} ({ip_b / ip_min:.3g}x the lowest): ±{100 * (g_max - 1):.1f}%"
         t = float(tir[b]) if tir is not None and b in tir.index else float("nan")
         if math.isfinite(t) and t > 1 and 1 / t < g_min:
             g_min = max(1 / t, g_floor)
@@ -209,8 +209,9 @@ def _key(fold: str, scales) -> str:
 class Checkpoint:
     """Every evaluation of one search, keyed by fold and scale vector; written atomically after each."""
 
-    def __init__(self, path: str | None, settings_hash: str, settings: dict):
+    def __init__(self, path: str | None, settings_hash: str, settings: dict, write: bool = True):
         self.path = Path(path) if path else None
+        self.write = write  # several processes of one search: only the main one writes the file
         self.hash, self.settings = settings_hash, settings
         self.entries: dict[str, dict] = {}
         self.position: dict = {}
@@ -246,7 +247,7 @@ class Checkpoint:
         self.save()
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not self.write:
             return
         from qroar.export import atomic_write_text
 
@@ -305,7 +306,8 @@ class SearchResult:
 class _Run:
     """One search's shared state: workbench, eval settings, checkpoint, progress and ETA."""
 
-    def __init__(self, wb, cfg: SearchConfig, ck: Checkpoint, total: int, progress, cancel, scaled: str, base: str):
+    def __init__(self, wb, cfg: SearchConfig, ck: Checkpoint, total: int, progress, cancel, scaled: str, base: str,
+                 parallel=None):
         from qroar.perplexity import EvalConfig
 
         self.wb, self.cfg, self.ck = wb, cfg, ck
@@ -318,6 +320,8 @@ class _Run:
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
         self.scaled, self.base = scaled, base
         self.t0, self.fresh_seconds = time.time(), 0.0
+        self.parallel = parallel  # qroar.distributed.Ranks (map over processes) or None
+        self.gathered: set[str] = set()  # keys computed by the processes of `parallel` in this run
 
     def _report(self, msg: str) -> None:
         frac = min(self.done / self.total, 1.0)
@@ -340,16 +344,44 @@ class _Run:
         df = pd.DataFrame({"length": list(logp), "log_ppl": list(logp.values())})
         return weighted_objective(df, self.cfg.weights())
 
+    def _cached(self, fold: str, scales, guard_limit) -> dict | None:
+        hit = self.ck.get(fold, scales)
+        return hit if hit is not None and (hit["objective"] is not None or guard_limit is not None) else None
+
+    def evaluate_many(self, fold: str, docs, trials: list, guard_limit: float | None, whats: list[str]) -> list[dict]:
+        """evaluate() of several scale vectors; with `parallel`, those not in the checkpoint are first
+        spread over its processes (each holds its own copy of the model) and gathered on all of them."""
+        if self.parallel is not None and self.parallel.world_size > 1:
+            self._check()
+            todo = [t for t in trials if self._cached(fold, t, guard_limit) is None]
+            for t, (entry, secs) in zip(todo, self.parallel.map(lambda t: self._compute(docs, t, guard_limit), todo)):
+                self.ck.put(fold, t, entry)
+                self.gathered.add(_key(fold, t))
+                self.fresh += 1
+                self.fresh_seconds += secs / self.parallel.world_size
+        return [self.evaluate(fold, docs, t, guard_limit, w) for t, w in zip(trials, whats)]
+
     def evaluate(self, fold: str, docs, scales, guard_limit: float | None = None, what: str = "") -> dict:
         """Objective of `scales` (None: full precision) on docs, from the checkpoint when it is there."""
         self._check()
-        hit = self.ck.get(fold, scales)
-        if hit is not None and (hit["objective"] is not None or guard_limit is not None):
+        hit = self._cached(fold, scales, guard_limit)
+        if hit is not None:
             self.done += 1
             if hit["key"] in self.ck.from_file:
                 self.reused_keys.add(hit["key"])
-            self._report(f"{what} (done before)")
+            self._report(what if hit["key"] in self.gathered else f"{what} (done before)")
             return hit
+        entry, secs = self._compute(docs, scales, guard_limit)
+        self.ck.put(fold, scales, entry)
+        self.fresh += 1
+        self.fresh_seconds += secs
+        self.done += 1
+        self._report(what)
+        return entry
+
+    def _compute(self, docs, scales, guard_limit: float | None) -> tuple[dict, float]:
+        """(checkpoint entry, seconds) of one scale vector, computed on this process's model."""
+        self._check()
         t = time.time()
         if scales is None:
             variant = "fp"
@@ -371,12 +403,7 @@ class _Run:
             if self.eval_rest is not None:
                 logp.update(self._eval(docs, self.eval_rest, variant))
             entry["objective"] = self.objective(logp)
-        self.ck.put(fold, scales, entry)
-        self.fresh += 1
-        self.fresh_seconds += time.time() - t
-        self.done += 1
-        self._report(what)
-        return entry
+        return entry, time.time() - t
 
 
 def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
@@ -389,12 +416,10 @@ def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list
     for sweep in range(run.cfg.sweeps):
         for b in range(B):
             keep = current[b]
-            for g in cands[b]:
-                if g == current[b]:
-                    continue
-                trial = current.copy()
-                trial[b] = g
-                e = run.evaluate(fold, docs, trial, limit, f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g}")
+            gs = [g for g in cands[b] if g != current[b]]
+            trials = [current[:b] + [g] + current[b + 1:] for g in gs]
+            entries = run.evaluate_many(fold, docs, trials, limit, [f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g}" for g in gs])
+            for g, e in zip(gs, entries):
                 better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
                 history.append(dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"],
                                     short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"]))
@@ -432,12 +457,13 @@ def _table(run: _Run, docs, fold: str, scales, variants) -> tuple[pd.DataFrame, 
 
 
 def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str], None] | None = None,
-           cancel: threading.Event | None = None) -> SearchResult:
+           cancel: threading.Event | None = None, parallel=None) -> SearchResult:
     """Find per-band scales for the workbench's model under its PI and quantizer (module docstring).
 
     windows: a derive_windows table or (g_min, g_max) per band; None derives them from IP alone.
     Without a quantizer the search runs on full precision (fp_scaled vs fp). On success the chosen
     scales are set on the workbench; on cancel or error its previous scales are put back.
+    parallel: a qroar.distributed.Ranks, to spread each band's candidates over processes (same result).
     """
     t0 = time.time()
     with wb.lock:
@@ -454,13 +480,13 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             raise DataError(f"{cfg.k_folds}-fold stability needs at least {cfg.k_folds} dev documents; "
                             f"{cfg.dev_corpus} has {len(dev.doc_ids)}. Use fewer folds or more documents.")
         h, settings = _settings_hash(wb, cfg, pairs, dev, held)
-        ck = Checkpoint(cfg.checkpoint, h, settings)
+        ck = Checkpoint(cfg.checkpoint, h, settings, write=parallel is None or parallel.is_main)
         quantized = wb.qstate is not None
         scaled, base = ("scaled", "quant") if quantized else ("fp_scaled", "fp")
         variants = ("fp", "quant", "scaled")
         per_descent = 1 + cfg.sweeps * sum(len(c) - 1 for c in cands)
         total = per_descent * (1 + cfg.k_folds) + 6  # + fp, quant, scaled on dev and on held-out
-        run = _Run(wb, cfg, ck, total, progress, cancel, scaled, base)
+        run = _Run(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
         prior = (None if wb.scales is None else wb.scales.clone(), wb.scale_cfg)
         history: list[dict] = []
         try:

@@ -98,7 +98,7 @@ def test_settings_persist_across_page_switches(tiny_dir):
 def test_group_sizes_offered_divide_the_loaded_model_widths(tiny_dir):
     at = load(new_app(), tiny_dir)
     # tiny Llama: hidden 64, intermediate 128 -> 128 does not divide 64
-    assert at.selectbox(key="w:quant.group_size").options == ["16", "32", "64", "per channel"]
+    assert at.selectbox(key="w:quant.group_size").options == ["16", "32", "64", "per channel", "per tensor"]
     assert at.selectbox(key="w:quant.group_size").value == 64
     assert [m.value for m in at.metric if m.label == "Trained context"] == ["64"]
 
