@@ -84,6 +84,7 @@ def capture_layer_inputs(
             return hidden
         return forward
 
+    saved = [layer.__dict__.get("forward") for layer in layers]  # accelerate's device hooks live there
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)  # instance attribute shadows the class method
     try:
@@ -93,8 +94,11 @@ def capture_layer_inputs(
             except _Stop:
                 pass
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
     if not hiddens:
         raise DataError("no calibration samples were given; pass at least one window of tokens.")
     return hiddens, kwargs

@@ -223,6 +223,7 @@ class TailCapture:
         if out.shape[1] != self.length:
             raise ValueError(f"capture expects windows of {self.length} tokens, got {out.shape[1]}")
         rows = [r.to(out.device) for r in p.rows]
+        cos, sin = cos.to(out.device), sin.to(out.device)  # a map may split a layer's modules over devices
         for side, a, b in self._chunks():
             x = out[:, a:b]
             vals = {"W": x.float().abs()}

@@ -33,6 +33,56 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     g.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (can run code: trusted sources only)")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (trusted sources only)")
+    g.add_argument("--device-map", default=None,
+                   help="spread the model over this host's GPUs with accelerate: auto | balanced | sequential | "
+                        "a JSON dict module -> GPU index or \"cpu\" | a .json file holding one (--device is then unused)")
+    g.add_argument("--max-memory", default=None, help="per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+
+
+def device_map_from_args(a):
+    """(device_map, max_memory) from --device-map / --max-memory."""
+    from qroar.errors import ConfigError
+    from qroar.models import DEVICE_MAP_STRATEGIES
+
+    text, dm = (getattr(a, "device_map", None) or "").strip(), None
+    if text in DEVICE_MAP_STRATEGIES:
+        dm = text
+    elif text:
+        try:
+            dm = json.loads(Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--device-map expects {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON dict or a .json file, "
+                              f"got {text!r} ({e}).") from e
+    mm = None
+    if getattr(a, "max_memory", None):
+        try:
+            mm = {int(k) if k.strip().isdigit() else k.strip(): v.strip()
+                  for k, v in (kv.split("=", 1) for kv in a.max_memory.split(","))}
+        except ValueError as e:
+            raise ConfigError(f"--max-memory expects DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB; got {a.max_memory!r}.") from e
+    return dm, mm
+
+
+def _add_distributed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun / accelerate launch: one process per GPU, work spread over them, "
+                        "results gathered and written by rank 0 (see docs/SHARDING.md)")
+
+
+def ranks_from_args(a):
+    """This process's Ranks (one process unless --distributed); its GPU replaces --device."""
+    from qroar import distributed
+    from qroar.errors import ConfigError
+
+    if not getattr(a, "distributed", False):
+        return distributed.Ranks()
+    if a.device_map:
+        raise ConfigError("--distributed gives each process one whole model on its own GPU; drop --device-map "
+                          "(for a model larger than one GPU, run one process with --device-map).")
+    ranks = distributed.init()
+    a.device = ranks.device
+    a.quiet = a.quiet or not ranks.is_main
+    return ranks
 
 
 def _add_pi_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +196,9 @@ def write_outputs(out: str | None, payload: dict, table) -> None:
 def open_workbench(a):
     from qroar.workbench import Workbench
 
-    wb = Workbench.open(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+    dm, mm = device_map_from_args(a)
+    wb = Workbench.open(a.model, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+                        device_map=dm, max_memory=mm)
     wb.set_pi(pi_from_args(a))
     return wb
 
@@ -154,23 +206,37 @@ def open_workbench(a):
 # ----------------------------------------------------------------------------- commands
 
 
+def _placement_line(info) -> str:
+    if len(info.devices) < 2:
+        return ""
+    return "; placed: " + "; ".join(f"{d}: {', '.join(v['modules'])}" for d, v in info.devices.items())
+
+
 def cmd_eval(a) -> int:
+    from qroar import distributed
     from qroar.perplexity import EvalConfig, summarize
 
+    ranks = ranks_from_args(a)
+    say = print if ranks.is_main else (lambda *x, **k: None)
     wb = open_workbench(a)
     tc = wb.info.trained_context
     cfg = EvalConfig(lengths=lengths_from_args(a, tc), stride=a.stride, max_windows_per_doc=a.max_windows, batch_size=a.batch_size)
-    print(f"model {wb.info.name} ({wb.info.model_type}, {wb.info.n_params / 1e6:.1f}M params, trained context {tc}) "
-          f"on {wb.info.device}/{wb.info.dtype}; PI {wb.pi.label()}")
+    say(f"model {wb.info.name} ({wb.info.model_type}, {wb.info.n_params / 1e6:.1f}M params, trained context {tc}) "
+        f"on {wb.info.device}/{wb.info.dtype}; PI {wb.pi.label()}{_placement_line(wb.info)}")
     q = quant_from_args(a, tc)
     t0 = time.time()
     wb.set_quant(q, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     tq = time.time() - t0
     if q.method != "none":
-        print(f"quantized ({q.method} W{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}, scope {q.scope}) in {tq:.2f}s")
+        say(f"quantized ({q.method} W{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}, scope {q.scope}) in {tq:.2f}s")
     t0 = time.time()
-    table = wb.perplexity(a.corpus, cfg, progress=ProgressBar(a.quiet))
+    table = distributed.perplexity(wb, a.corpus, cfg, ranks, progress=ProgressBar(a.quiet))
     te = time.time() - t0
+    ranks.close()
+    if not ranks.is_main:
+        return 0
+    if ranks.world_size > 1:
+        print(f"documents spread over {ranks.world_size} processes")
     summary = pd_summary(table, summarize)
     print(format_summary(summary))
     print(f"evaluated in {te:.2f}s")
@@ -257,6 +323,7 @@ def add_search(sub) -> None:
     s.add_argument("--out", default=None, help="write the scales file here (e.g. scales.json)")
     s.add_argument("--report", default=None, help="write REPORT.json (everything) and REPORT.csv (held-out table)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed_arg(s)
     s.set_defaults(func=cmd_search)
 
 
@@ -264,8 +331,11 @@ def cmd_search(a) -> int:
     from qroar.bands import BandConfig
     from qroar.errors import ConfigError
     from qroar.export import save_scales
-    from qroar.search import SearchConfig, format_result, search
+    from qroar import distributed
+    from qroar.search import SearchConfig, format_result
 
+    ranks = ranks_from_args(a)
+    say = print if ranks.is_main else (lambda *x, **k: None)
     wb = open_workbench(a)
     tc = wb.info.trained_context
     lengths = lengths_from_args(a, tc) if a.lengths else (tc, 4 * tc)
@@ -279,15 +349,21 @@ def cmd_search(a) -> int:
                        guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
                        max_windows_per_doc=a.max_windows, batch_size=a.batch_size, mode=a.mode, order=a.order,
                        checkpoint=a.checkpoint, k_folds=a.folds)
-    print(f"model {wb.info.name} ({wb.info.model_type}, trained context {tc}) on {wb.info.device}/{wb.info.dtype}; PI {wb.pi.label()}")
+    say(f"model {wb.info.name} ({wb.info.model_type}, trained context {tc}) on {wb.info.device}/{wb.info.dtype}; "
+        f"PI {wb.pi.label()}{_placement_line(wb.info)}")
     q = quant_from_args(a, tc)
     wb.set_quant(q, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     wb.set_bands(BandConfig(n_bands=a.bands, align=a.band_align))
     wb.set_scales([1.0] * wb.bands.n_bands, cfg.scale_cfg)
     if wb.invariance_note():
-        print(f"note: {wb.invariance_note()}")
+        say(f"note: {wb.invariance_note()}")
     windows = windows_from_args(a, wb)
-    result = search(wb, cfg, windows, progress=ProgressBar(a.quiet))
+    result = distributed.search(wb, cfg, ranks, windows, progress=ProgressBar(a.quiet))
+    ranks.close()
+    if not ranks.is_main:
+        return 0
+    if ranks.world_size > 1:
+        print(f"candidates spread over {ranks.world_size} processes")
     print(format_result(result))
     print(f"{result.evaluations} evaluations in {result.seconds:.1f}s ({result.reused} reused from the checkpoint)")
     if a.out:
@@ -305,7 +381,9 @@ def _open_for_scales(a):
 
     sf = load_scales(a.scales)
     name = a.model or (sf.model.get("source") if sf.model.get("source") and Path(sf.model["source"]).exists() else sf.model["name"])
-    wb = Workbench.open(name, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+    dm, mm = device_map_from_args(a)
+    wb = Workbench.open(name, device=a.device, dtype=a.dtype, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+                        device_map=dm, max_memory=mm)
     return load_scales(a.scales, wb), wb
 
 
@@ -389,6 +467,7 @@ def add_eval(sub) -> None:
     _add_model_args(e), _add_pi_args(e), _add_quant_args(e), _add_corpus_args(e)
     e.add_argument("--out", default=None, help="write OUT.json and OUT.csv")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed_arg(e)
     e.set_defaults(func=cmd_eval)
 
 

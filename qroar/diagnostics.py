@@ -43,7 +43,7 @@ import torch
 from qroar import capture
 from qroar.bands import BandConfig, Bands, bands_for, head_rows, proj_rows
 from qroar.errors import Cancelled, ConfigError, DataError, OutOfMemory
-from qroar.perplexity import reset_dynamic_rope
+from qroar.perplexity import input_device, reset_dynamic_rope
 from qroar.rope import RopeFreqs
 
 MODES = ("isolated", "accumulated")
@@ -445,7 +445,7 @@ def run_diagnostics(wb, corpus_spec, cfg: DiagConfig = DiagConfig(), progress=No
                                           cfg.chunk_tokens, tuple(sorted(keep)), pairs.positions)
                 with torch.no_grad(), wb.variant(variant) as model, cap.attached(model):
                     reset_dynamic_rope(model)  # dynamic NTK: the frequencies of exactly L, whatever ran before
-                    dev = next(model.parameters()).device
+                    dev = input_device(model)  # the embedding's device when layers sit on several
                     for d, ids in enumerate(wins):
                         lo, hi = (0.1, 0.55) if vi == 0 else (0.55, 0.95)
                         check(lo + (hi - lo) * d / len(wins), f"{variant}: window {d + 1}/{len(wins)} ({L} tokens)")

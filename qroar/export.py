@@ -97,7 +97,7 @@ def atomic_replace_dir(build, final) -> Path:
 
 def _model_identity(wb) -> dict:
     i = wb.info
-    return {"name": i.name, "source": Path(i.source).name if i.source else i.source, "fingerprint": i.fingerprint, "model_type": i.model_type,
+    return {"name": i.name, "source": i.source, "fingerprint": i.fingerprint, "model_type": i.model_type,
             "n_layers": i.n_layers, "n_heads": i.n_heads, "n_kv_heads": i.n_kv_heads, "head_dim": i.head_dim,
             "rotary_dim": i.rotary_dim}
 

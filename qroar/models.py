@@ -14,7 +14,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -174,6 +174,7 @@ class ModelInfo:
     device: str
     dtype: str
     fingerprint: str
+    devices: dict = field(default_factory=dict)  # device -> {"modules": [...], "bytes": n} (see placement)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +207,117 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+# ----------------------------------------------------------------------------- placement over devices
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_name(d) -> str:
+    """accelerate's device-map values (0, "cuda:1", "cpu") as torch device strings."""
+    if isinstance(d, int) and not isinstance(d, bool):
+        return f"cuda:{d}"
+    return str(torch.device(d)) if str(d) not in ("disk", "meta") else str(d)
+
+
+def check_device_map(device_map) -> None:
+    """None, an accelerate strategy name, or a dict module -> device; disk offload is refused."""
+    if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a dict module -> device "
+                         f"(a GPU index, 'cuda:N' or 'cpu'), got {device_map!r}.")
+    disk = [k for k, v in device_map.items() if str(v) == "disk"]
+    if disk:
+        raise ModelError(f"device_map puts {', '.join(disk)} on disk: Q-ROAR edits q/k weights in place, so every "
+                         "weight must be resident. Place those modules on a GPU or on 'cpu' (they then run on the CPU).")
+    for k, v in device_map.items():
+        try:
+            dev = _device_name(v)
+        except (RuntimeError, TypeError) as e:
+            raise ModelError(f"device_map[{k!r}] = {v!r} is not a device: use a GPU index, 'cuda:N' or 'cpu'.") from e
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"device_map places {k} on {dev} but no GPU is visible: use 'cpu' or fix the map.")
+        if dev.startswith("cuda:") and int(dev.split(":")[1]) >= torch.cuda.device_count():
+            raise ModelError(f"device_map places {k} on {dev} but only {torch.cuda.device_count()} GPU(s) are visible.")
+
+
+def _map_device(device_map) -> torch.device:
+    """The device that decides the default dtype: a GPU when the map uses one (or may, for a strategy)."""
+    if isinstance(device_map, dict):
+        gpu = [d for d in map(_device_name, device_map.values()) if d.startswith("cuda")]
+        return torch.device(gpu[0] if gpu else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _mixes_cpu(device_map) -> bool:
+    devs = {_device_name(v) for v in device_map.values()} if isinstance(device_map, dict) else set()
+    return "cpu" in devs and len(devs) > 1
+
+
+def place(model, device_map: dict):
+    """Spread a model held on the CPU over the devices of `device_map` with accelerate's dispatch_model.
+
+    main_device="cpu" keeps the modules mapped to "cpu" resident there (they run on the CPU); by
+    default accelerate would stream them to the GPU at every forward and leave "meta" weights
+    behind, which the in-place q/k edits of quantization and rescaling cannot work on.
+    """
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=device_map, main_device="cpu" if _mixes_cpu(device_map) else None)
+
+
+def offloaded(model) -> list[str]:
+    """Parameters accelerate left on "meta" (offloaded to CPU or disk, streamed in at each forward)."""
+    return [n for n, p in model.named_parameters() if p.device.type == "meta"]
+
+
+def placement(model) -> dict[str, dict]:
+    """Which modules hold their weights on which device: {device: {"modules": [...], "bytes": n}}, in model
+    order with decoder layers as ranges ("model.layers.0-15"), GPUs first in index order."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+    units: dict[str, dict] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        u = units.setdefault(str(t.device), {"order": [], "layers": set(), "bytes": 0})
+        u["bytes"] += t.numel() * t.element_size()
+        layer = name.startswith(prefix)
+        if layer:
+            u["layers"].add(int(name[len(prefix):].split(".", 1)[0]))
+        unit = prefix if layer else name.rsplit(".", 1)[0]  # every layer stands at the place of the first
+        if unit not in u["order"]:
+            u["order"].append(unit)
+    out = {}
+    for dev in sorted(units, key=lambda d: (not d.startswith("cuda"), int(d[5:] or 0) if d.startswith("cuda:") else 0, d)):
+        u = units[dev]
+        mods = [m for unit in u["order"] for m in (_ranges(prefix[:-1], sorted(u["layers"])) if unit == prefix else [unit])]
+        out[dev] = {"modules": mods, "bytes": u["bytes"]}
+    return out
+
+
+def _ranges(prefix: str, idx: list[int]) -> list[str]:
+    """[0, 1, 2, 5] -> ["model.layers.0-2", "model.layers.5"]."""
+    out, start = [], None
+    for k, i in enumerate(idx):
+        start = i if start is None else start
+        if k + 1 == len(idx) or idx[k + 1] != i + 1:
+            out.append(f"{prefix}.{start}" if start == i else f"{prefix}.{start}-{i}")
+            start = None
+    return out
+
+
+def _finish(model, device_map, display: str):
+    """Refuse offloaded weights; the placement summary for ModelInfo."""
+    gone = offloaded(model)
+    if gone:
+        mods = sorted({n.rsplit(".", 2)[0] for n in gone})
+        raise ModelError(
+            f"device_map={device_map!r} offloaded {len(gone)} weights of {display} ({', '.join(mods[:4])}"
+            f"{', ...' if len(mods) > 4 else ''}) to CPU or disk, streamed in at every forward. Q-ROAR edits q/k "
+            "weights in place and needs them resident: give the GPUs more max_memory, use more GPUs, or pass a "
+            "dict device_map that puts the remaining layers on 'cpu' (they then run on the CPU).")
+    return placement(model)
+
+
 def fingerprint(model) -> str:
     """A cheap identity of the weights: config plus hashes of a few tensors (first q_proj, last k_proj, embeddings)."""
     h = hashlib.sha256(json.dumps(rope.text_config(model.config).to_dict(), sort_keys=True, default=str).encode())
@@ -217,14 +329,21 @@ def fingerprint(model) -> str:
 
 
 def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto",
-               allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
-    """Load a RoPE causal LM and its tokenizer; refuse what is unsafe or not RoPE with a clear message."""
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               device_map: str | dict | None = None, max_memory: dict | None = None) -> Loaded:
+    """Load a RoPE causal LM and its tokenizer; refuse what is unsafe or not RoPE with a clear message.
+
+    device_map (accelerate's, passed to from_pretrained; `device` is then unused): "auto", "balanced",
+    "sequential", or a dict module -> GPU index / "cpu"; max_memory e.g. {0: "70GiB", "cpu": "200GiB"}.
+    Modules mapped to "cpu" next to GPUs stay resident on the CPU (see `place`); offloaded weights are refused.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_device_map(device_map)
     if name.startswith("random:"):
-        return _random_model(name, device, dtype)
+        return _random_model(name, device, dtype, device_map)
     src, display = resolve(name)
-    dev = pick_device(device)
+    dev = pick_device(device) if device_map is None else _map_device(device_map)
     dt = pick_dtype(dtype, dev)
     if isinstance(src, Path):
         _check_weights(src, allow_pickle)
@@ -244,10 +363,12 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelError(f"{display} needs custom code from its repository (trust_remote_code). Turn it on only if you trust the source.")
     _check_config(config, display)
+    placed = {} if device_map is None else {"device_map": "cpu" if _mixes_cpu(device_map) else device_map,
+                                             **({"max_memory": max_memory} if max_memory else {})}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src, config=config, dtype=dt, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True, attn_implementation="sdpa",
+            use_safetensors=None if allow_pickle else True, attn_implementation="sdpa", **placed,
         )
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -260,8 +381,12 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
         if type(e).__name__ == "SafetensorError":
             raise ModelError(f"The weights of {display} are corrupted ({e}); download or export them again.") from e
         raise
-    model.to(dev).eval()
-    model.requires_grad_(False)
+    if device_map is None:
+        model.to(dev)
+    elif _mixes_cpu(device_map):
+        model = place(model, device_map)
+    model.eval().requires_grad_(False)
+    devices = _finish(model, device_map, display)
     layers = attention_layers(model)
     cfg = rope.text_config(model.config)
     head_dim, rot = rope.head_dims(cfg)
@@ -270,12 +395,17 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
         n_heads=layers[0].n_heads, n_kv_heads=layers[0].n_kv_heads, head_dim=head_dim, rotary_dim=rot,
         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, trained_context=rope.trained_context(cfg),
         rope_parameters=rope.rope_parameters(cfg), n_params=sum(p.numel() for p in model.parameters()),
-        device=str(dev), dtype=str(dt).replace("torch.", ""), fingerprint=fingerprint(model),
+        device=str(_input_device(model)), dtype=str(dt).replace("torch.", ""), fingerprint=fingerprint(model),
+        devices=devices,
     )
     return Loaded(model, tok, info)
 
 
-def _random_model(name: str, device, dtype) -> Loaded:
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _random_model(name: str, device, dtype, device_map=None) -> Loaded:
     """An architecture-true model with random weights, built directly on the device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -286,11 +416,15 @@ def _random_model(name: str, device, dtype) -> Loaded:
     theta = kw.pop("rope_theta")
     config = AutoConfig.for_model(kw.pop("model_type"), **kw, rope_parameters={"rope_type": "default", "rope_theta": theta},
                                   tie_word_embeddings=False)
-    dev, dt = pick_device(device), None
+    dev = pick_device(device) if device_map is None else _map_device(device_map)
     dt = pick_dtype(dtype, dev)
+    if isinstance(device_map, str):
+        raise ModelError(f"Random models take a dict device_map (module -> device), not {device_map!r}.")
     torch.manual_seed(0)
-    with torch.device(dev):
+    with torch.device(dev if device_map is None else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
+    if device_map is not None:
+        model = place(model, device_map)
     model.eval().requires_grad_(False)
     # Any tokenizer whose ids fit the vocabulary will do: the embedded one (8192 ids) when present.
     tok_src = EMBEDDED_MODEL if (EMBEDDED_MODEL / "tokenizer.json").exists() else _smollm2_folder()
@@ -301,8 +435,8 @@ def _random_model(name: str, device, dtype) -> Loaded:
         name=name, source="random", model_type=config.model_type, n_layers=len(layers), n_heads=layers[0].n_heads,
         n_kv_heads=layers[0].n_kv_heads, head_dim=head_dim, rotary_dim=rot, hidden_size=config.hidden_size,
         vocab_size=config.vocab_size, trained_context=rope.trained_context(config), rope_parameters=rope.rope_parameters(config),
-        n_params=sum(p.numel() for p in model.parameters()), device=str(dev), dtype=str(dt).replace("torch.", ""),
-        fingerprint=fingerprint(model),
+        n_params=sum(p.numel() for p in model.parameters()), device=str(_input_device(model)),
+        dtype=str(dt).replace("torch.", ""), fingerprint=fingerprint(model), devices=placement(model),
     )
     return Loaded(model, tok, info)
 

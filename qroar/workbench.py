@@ -70,8 +70,11 @@ class Workbench:
         self.lock = threading.RLock()  # one computation on the model at a time
 
     @classmethod
-    def open(cls, name: str, device="auto", dtype="auto", allow_pickle=False, trust_remote_code=False) -> "Workbench":
-        return cls(models.load_model(name, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    def open(cls, name: str, device="auto", dtype="auto", allow_pickle=False, trust_remote_code=False,
+             device_map=None, max_memory=None) -> "Workbench":
+        """device_map / max_memory: accelerate's, to spread a model over the GPUs (and CPU) of one host."""
+        return cls(models.load_model(name, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                     device_map=device_map, max_memory=max_memory))
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,228 @@
+"""Benchmarks for models and work spread over devices: prints a table and writes JSON.
+
+  spread     one GPU vs N GPUs (one process each, qroar.distributed): perplexity with the documents
+             spread, and a one-band search with its candidates spread. Launches itself under
+             torchrun once per GPU count; every count must give the same perplexities and scales.
+               python bench/distributed.py spread --model random:llama2-7b --gpus 1,2,4,8 --out bench/results/spread.json
+  placement  one model on one GPU vs the same weights split over cuda:0 and the CPU (device_map,
+             CPU layers resident and run there): perplexity, diagnostics and a one-band search, same
+             settings, results compared (fp32, so the only difference is the devices' rounding).
+               python bench/distributed.py placement --gpu-layers 8 --out placement.json
+
+Random-weight models time exactly like real ones; their perplexities are meaningless but must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qroar import distributed  # noqa: E402
+from qroar.bands import BandConfig  # noqa: E402
+from qroar.perplexity import EvalConfig  # noqa: E402
+from qroar.quant import QuantConfig  # noqa: E402
+from qroar.rope import PIConfig  # noqa: E402
+from qroar.search import SearchConfig  # noqa: E402
+from qroar.workbench import Workbench  # noqa: E402
+
+
+def one_band_windows(n_bands: int, band: int) -> list[tuple[float, float]]:
+    """Candidates only in `band` (the others' window is [1, 1]): a one-band search."""
+    return [(0.8, 1.25) if b == band else (1.0, 1.0) for b in range(n_bands)]
+
+
+def setup(wb: Workbench, a) -> Workbench:
+    wb.set_pi(PIConfig("yarn", float(a.factor)))
+    wb.set_quant(QuantConfig(method="rtn", bits=4, group_size=128))
+    wb.set_bands(BandConfig(n_bands=8))
+    wb.set_scales([1.0] * 8)
+    return wb
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- spread: 1 vs N GPUs
+
+
+def spread_worker(a) -> None:
+    """One process of a torchrun job: time perplexity and a one-band search, rank 0 writes JSON."""
+    ranks = distributed.init()
+    wb = setup(Workbench.open(a.model, device=ranks.device, dtype=a.dtype), a)
+    tc = wb.info.trained_context
+    lengths = tuple(int(x) for x in a.lengths.split(",")) if a.lengths else (tc, 4 * tc)
+    ev = EvalConfig(lengths=lengths, max_windows_per_doc=a.max_windows)
+    distributed.perplexity(wb, a.corpus, EvalConfig(lengths=(lengths[0],), max_windows_per_doc=1), ranks)  # warm-up
+    sync()
+    t = time.perf_counter()
+    table = distributed.perplexity(wb, a.corpus, ev, ranks, variants=("quant",))
+    sync()
+    ppl_s = time.perf_counter() - t
+    cfg = SearchConfig(n_candidates=a.candidates, lengths=lengths, dev_corpus=a.dev, heldout_corpus=a.corpus,
+                       max_windows_per_doc=a.max_windows)
+    t = time.perf_counter()
+    res = distributed.search(wb, cfg, ranks, one_band_windows(8, a.band))
+    sync()
+    search_s = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if ranks.is_main:
+        Path(a.json).write_text(json.dumps({
+            "gpus": ranks.world_size, "perplexity_s": ppl_s, "search_s": search_s, "search_evaluations": res.evaluations,
+            "tokens": int(table["tokens"].sum()), "nll": table["nll"].tolist(), "scales": res.scales,
+            "peak_gib_rank0": peak, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
+    ranks.close()
+
+
+def spread(a) -> list[dict]:
+    rows = []
+    for n in [int(x) for x in a.gpus.split(",")]:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               "spread-worker", "--json", out, *sys.argv[2:]]
+        subprocess.run(cmd, check=True)
+        rows.append(json.loads(Path(out).read_text()))
+    one = rows[0]
+    for r in rows:
+        r["perplexity_speedup"] = one["perplexity_s"] / r["perplexity_s"]
+        r["search_speedup"] = one["search_s"] / r["search_s"]
+        r["max_rel_nll_diff"] = max(abs(x - y) / abs(y) for x, y in zip(r["nll"], one["nll"]))
+        r["same_scales"] = r["scales"] == one["scales"]
+    print(f"{'gpus':>5} {'ppl s':>8} {'x':>6} {'search s':>9} {'x':>6} {'evals':>6} {'nll diff':>9} {'same scales':>12}")
+    for r in rows:
+        print(f"{r['gpus']:>5} {r['perplexity_s']:>8.2f} {r['perplexity_speedup']:>6.2f} {r['search_s']:>9.2f} "
+              f"{r['search_speedup']:>6.2f} {r['search_evaluations']:>6} {r['max_rel_nll_diff']:>9.1e} {r['same_scales']!s:>12}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- placement: GPU vs GPU + CPU
+
+
+def mid_llama(folder: Path, layers: int, trained: int, hidden: int = 2048) -> str:
+    """A ~0.9B-parameter random Llama (GQA 16/4 heads, head_dim 128) saved with the embedded tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qroar.models import EMBEDDED_MODEL
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), max_position_embeddings=trained,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder)
+    return str(folder)
+
+
+def small_corpus(folder: Path, spec: str, n: int) -> str:
+    """The first n documents of an embedded corpus as a folder of text files (a short dev set)."""
+    from qroar.data import load_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(load_corpus(spec)[:n]):
+        (folder / f"doc{i}.txt").write_text(d.text)
+    return str(folder)
+
+
+def placement(a) -> list[dict]:
+    from qroar.diagnostics import DiagConfig, run_diagnostics
+    from qroar.search import search
+
+    root = Path(tempfile.mkdtemp(prefix="qroar-placement-"))
+    t = time.perf_counter()
+    path = mid_llama(root / "model", a.layers, a.trained, a.hidden)
+    dev, held = small_corpus(root / "dev", "embedded:dev", 2), small_corpus(root / "held", "embedded:heldout", 2)
+    print(f"built and saved the model in {time.perf_counter() - t:.1f}s")
+    n, k = a.layers, a.gpu_layers
+    g = int(a.gpu) if a.gpu.isdigit() else a.gpu  # "cpu" only to try the script where no GPU is
+    gpu = f"cuda:{g}" if isinstance(g, int) else g
+    split = {"model.embed_tokens": g, "model.rotary_emb": g, "lm_head": g,
+             **{f"model.layers.{i}": g if i < k else "cpu" for i in range(n)}, "model.norm": "cpu"}
+    lengths = (a.trained, 2 * a.trained)
+    ev = EvalConfig(lengths=lengths, max_windows_per_doc=1, batch_size=1)
+    dcfg = DiagConfig(bands=BandConfig(n_bands=8), capture_length=2 * a.trained, n_docs=2, noise_layers=(0, n - 1))
+    scfg = SearchConfig(n_candidates=5, lengths=lengths, dev_corpus=dev, heldout_corpus=held, max_windows_per_doc=1)
+    rows, results = [], {}
+    cuda = gpu.startswith("cuda")
+    for name, kw in (("gpu", dict(device=gpu)), ("gpu+cpu", dict(device_map=split))):
+        t = time.perf_counter()
+        wb = setup(Workbench.open(path, dtype="fp32", **kw), a)
+        load_s = time.perf_counter() - t
+        row = {"placement": name, "load_s": load_s, "devices": wb.info.devices}
+        t = time.perf_counter()
+        ppl = wb.perplexity(held, ev, ("fp", "quant"))
+        sync()
+        row["perplexity_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        diag = run_diagnostics(wb, dev, dcfg)
+        sync()
+        row["diagnostics_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        res = search(wb, scfg, one_band_windows(8, a.band))
+        sync()
+        row.update(search_s=time.perf_counter() - t, scales=res.scales, heldout=res.heldout.to_dict(orient="records"),
+                   ppl=ppl.to_dict(orient="records"), gpu_peak_gib=torch.cuda.max_memory_allocated(gpu) / 2**30 if cuda else 0.0)
+        results[name] = (ppl, diag, res)
+        rows.append(row)
+        del wb
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(gpu)
+    (pa, da, ra), (pb, db, rb) = results["gpu"], results["gpu+cpu"]
+    rel = lambda x, y: float(((x - y).abs() / y.abs().clip(lower=1e-12)).max())  # noqa: E731
+    cmp = {"perplexity_max_rel_diff": rel(pb["nll"], pa["nll"]),
+           "tir_max_rel_diff": rel(db.tables["tir"]["tir"], da.tables["tir"]["tir"]),
+           "quant_error_max_rel_diff": rel(db.tables["quant_error"]["rel_err"], da.tables["quant_error"]["rel_err"]),
+           "logit_noise_max_rel_diff": rel(db.tables["logit_noise"]["rms_err"], da.tables["logit_noise"]["rms_err"]),
+           "search_same_scales": ra.scales == rb.scales,
+           "search_heldout_max_rel_diff": rel(rb.heldout["log_ppl"], ra.heldout["log_ppl"])}
+    print(f"{'placement':>10} {'load s':>7} {'ppl s':>7} {'diag s':>7} {'search s':>9} {'GPU peak GiB':>13}  scales")
+    for r in rows:
+        print(f"{r['placement']:>10} {r['load_s']:>7.1f} {r['perplexity_s']:>7.2f} {r['diagnostics_s']:>7.2f} "
+              f"{r['search_s']:>9.2f} {r['gpu_peak_gib']:>13.2f}  {[round(g, 4) for g in r['scales']]}")
+    print("devices (gpu+cpu):", {d: v["modules"] for d, v in rows[1]["devices"].items()})
+    print(json.dumps(cmp, indent=1))
+    return [*rows, {"comparison": cmp}]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("case", choices=("spread", "spread-worker", "placement"))
+    p.add_argument("--model", default="random:llama2-7b")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpus", default="1,2,4,8", help="GPU counts to compare (spread)")
+    p.add_argument("--corpus", default="embedded:heldout")
+    p.add_argument("--dev", default="embedded:dev")
+    p.add_argument("--lengths", default=None, help="comma-separated (default: 1x, 4x the trained context)")
+    p.add_argument("--max-windows", type=int, default=2)
+    p.add_argument("--candidates", type=int, default=9, help="per band: 8 besides 1.0, spread over the GPUs")
+    p.add_argument("--band", type=int, default=3, help="the band searched")
+    p.add_argument("--factor", type=float, default=4.0, help="YaRN factor")
+    p.add_argument("--hidden", type=int, default=2048, help="placement: hidden size (intermediate 2.75x)")
+    p.add_argument("--layers", type=int, default=16, help="placement: decoder layers of the random model")
+    p.add_argument("--gpu-layers", type=int, default=8, help="placement: layers kept on the GPU (the rest on the CPU)")
+    p.add_argument("--trained", type=int, default=512, help="placement: trained context of the random model")
+    p.add_argument("--gpu", default="0", help="placement: the GPU index")
+    p.add_argument("--json", default=None, help="spread-worker: where rank 0 writes its figures")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "distributed_bench.json"))
+    a = p.parse_args()
+    if a.case == "spread-worker":
+        return spread_worker(a)
+    rows = spread(a) if a.case == "spread" else placement(a)
+    Path(a.out).write_text(json.dumps(rows, indent=1, default=str))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

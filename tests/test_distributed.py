@@ -1,0 +1,133 @@
+"""Work spread over processes (gloo, 2 processes on the CPU): gathered results equal the single-process ones."""
+
+import os
+import pickle
+import random
+import socket
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TEXT, save_tiny
+
+from qroar import distributed
+from qroar.bands import BandConfig
+from qroar.perplexity import EvalConfig
+from qroar.quant import QuantConfig
+from qroar.rope import PIConfig
+from qroar.search import SearchConfig, search
+from qroar.workbench import Workbench
+
+EVAL = EvalConfig(lengths=(32, 96), max_windows_per_doc=1)
+VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
+WINDOWS = [(1.0, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.0)]  # one band searched: 4 candidates, 2 per process
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread each, far faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def search_cfg(corpus, checkpoint=None) -> SearchConfig:
+    return SearchConfig(n_candidates=5, lengths=(32, 64), dev_corpus=corpus["dev"], heldout_corpus=corpus["held"],
+                        max_windows_per_doc=1, checkpoint=checkpoint)
+
+
+def prepared(path) -> Workbench:
+    wb = Workbench.open(path, device="cpu", dtype="fp32")
+    wb.set_pi(PIConfig("linear", 2.0))
+    wb.set_quant(QuantConfig(method="rtn", bits=3, group_size=32))
+    wb.set_bands(BandConfig(n_bands=4))
+    wb.set_scales([1.1, 1.0, 0.9, 1.0])
+    return wb
+
+
+def _worker(rank, world, port, path, corpus, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ranks = distributed.init("gloo")
+    wb = prepared(path)
+    table = distributed.perplexity(wb, corpus["mixed"], EVAL, ranks, VARIANTS)
+    res = distributed.search(wb, search_cfg(corpus, checkpoint=out + ".ckpt.json"), ranks, WINDOWS)
+    mine = distributed.split_by_tokens([int(t.numel()) for t in wb.corpus(corpus["mixed"]).tokens], world)[rank]
+    got = {"rank": rank, "world": ranks.world_size, "table": table, "scales": res.scales, "history": res.history,
+           "heldout": res.heldout, "objective": res.objective, "evaluations": res.evaluations, "mine": mine}
+    gathered = ranks.gather(got)
+    if ranks.is_main:
+        with open(out, "wb") as f:
+            pickle.dump(gathered, f)
+    ranks.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    vocab = TEXT.split()
+    corpus = {}
+    for split, words in (("dev", [200, 200, 200]), ("held", [200, 200]), ("mixed", [300, 12, 200, 90, 150])):
+        (root / split).mkdir()
+        for i, n in enumerate(words):  # "mixed": one document too short for the 96-token windows
+            rng = random.Random(f"{split}{i}")
+            (root / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
+        corpus[split] = str(root / split)
+    return save_tiny(root / "model"), corpus, root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_gather_the_single_process_results(tiny):
+    import torch.multiprocessing as mp
+
+    path, corpus, root = tiny
+    out = str(root / "gathered.pkl")
+    mp.spawn(_worker, args=(2, free_port(), path, corpus, out), nprocs=2, join=True)
+    with open(out, "rb") as f:
+        parts = pickle.load(f)
+    assert [p["rank"] for p in parts] == [0, 1] and all(p["world"] == 2 for p in parts)
+    assert sorted(parts[0]["mine"] + parts[1]["mine"]) == list(range(5)) and parts[0]["mine"] and parts[1]["mine"]
+
+    wb = prepared(path)
+    table = wb.perplexity(corpus["mixed"], EVAL, VARIANTS)
+    assert table.groupby("length")["doc"].nunique().to_dict() == {32: 5, 96: 4}  # the short document only at 32
+    one = search(wb, search_cfg(corpus), WINDOWS)
+    for p in parts:  # every process holds the whole gathered result, in single-process order
+        pd.testing.assert_frame_equal(p["table"], table)
+        assert p["scales"] == one.scales
+        pd.testing.assert_frame_equal(p["history"], one.history)
+        pd.testing.assert_frame_equal(p["heldout"], one.heldout)
+        assert p["objective"] == one.objective
+    # each process computed only part of the candidates; rank 0 wrote every one of them to the checkpoint
+    assert parts[0]["evaluations"] == parts[1]["evaluations"] == one.evaluations
+    resumed = search(prepared(path), search_cfg(corpus, checkpoint=out + ".ckpt.json"), WINDOWS)
+    assert resumed.evaluations == 0 and resumed.reused == one.evaluations and resumed.scales == one.scales
+
+
+def test_split_by_tokens_balances_and_covers_every_document():
+    sizes = [100, 10, 90, 50, 40, 5]
+    parts = distributed.split_by_tokens(sizes, 2)
+    assert sorted(parts[0] + parts[1]) == list(range(6))
+    loads = [sum(sizes[i] for i in p) for p in parts]
+    assert abs(loads[0] - loads[1]) <= 10
+    assert distributed.split_by_tokens(sizes, 1) == [list(range(6))]
+    assert distributed.split_by_tokens([7], 3) == [[0], [], []]
+
+
+def test_one_process_maps_in_order_and_gathers_itself():
+    r = distributed.Ranks()
+    assert r.is_main and r.map(lambda x: x * x, [3, 1, 2]) == [9, 1, 4] and r.gather("a") == ["a"]
+
+
+def test_init_without_a_launcher_is_one_process(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    r = distributed.init()
+    assert (r.rank, r.world_size) == (0, 1) and r.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
