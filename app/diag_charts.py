@@ -55,8 +55,9 @@ def bands_figure(pairs: pd.DataFrame, trained_context: int | None = None, height
                            text=f"trained context {length_label(trained_context)}", xanchor="right", yanchor="bottom",
                            font=dict(size=11, color=TRAINED_COLOUR))
     fig.update_xaxes(title_text="RoPE pair j (high frequency -> low)")
-    fig.update_yaxes(title_text="wavelength (tokens, log)", type="log", secondary_y=False)
-    fig.update_yaxes(title_text="interpolation scale s_j", secondary_y=True, rangemode="tozero", showgrid=False)
+    fig.update_yaxes(title_text="wavelength (tokens, log)", type="log", dtick=1, secondary_y=False)
+    fig.update_yaxes(title_text="interpolation scale s_j", secondary_y=True, rangemode="tozero", showgrid=False,
+                     tickformat=".3~g", nticks=6)
     return _style(fig, height)
 
 
@@ -121,11 +122,12 @@ def tir_heatmaps(tir: pd.DataFrame, kind: str = "W", height: int = 560) -> go.Fi
 def quant_error_heatmap(qe: pd.DataFrame, height: int = 420) -> go.Figure:
     """Layer x band relative Frobenius error ||Q(W_b) - W_b|| / ||W_b|| of W_Q and W_K rows, in percent."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("W_Q", "W_K"), shared_yaxes=True, horizontal_spacing=0.06)
-    zmax = float(qe.rel_err.max() * 100) or 1.0
+    zmin, zmax = float(qe.rel_err.min() * 100), float(qe.rel_err.max() * 100)
+    zmax = zmax if zmax > zmin else zmin + 1.0  # the colour range spans the data, not 0..max
     for c, proj in enumerate(("q", "k"), start=1):
         z = _grid(qe[qe.proj == proj], "rel_err") * 100
         fig.add_trace(go.Heatmap(z=z.to_numpy(), x=[band_label(b) for b in z.columns], y=[str(i) for i in z.index],
-                                 colorscale=SEQUENTIAL, zmin=0, zmax=zmax, showscale=c == 2,
+                                 colorscale=SEQUENTIAL, zmin=zmin, zmax=zmax, showscale=c == 2,
                                  colorbar=dict(title="rel. error (%)"),
                                  hovertemplate=f"W_{proj.upper()}, layer %{{y}}, band %{{x}}<br>"
                                                "relative error %{z:.2f}%<extra></extra>"), row=1, col=c)
@@ -178,7 +180,10 @@ def noise_lines(noise: pd.DataFrame, mode: str = "isolated", value: str = "rel_e
             customdata=np.stack([g.bucket_lo, g.bucket_hi], axis=1),
             hovertemplate=f"{band_label(b)}, distance %{{customdata[0]}}-%{{customdata[1]}} tokens: "
                           + ("%{y:.2f}%" if rel else "%{y:.4g}") + "<extra></extra>"))
-    fig.update_xaxes(title_text="query-key distance (tokens, log)", type="log")
+    lo, hi = float(np.sqrt(d.bucket_lo * d.bucket_hi).min()), float(np.sqrt(d.bucket_lo * d.bucket_hi).max())
+    ticks = [2 ** k for k in range(int(np.floor(np.log2(lo))), int(np.ceil(np.log2(hi))) + 1)]
+    fig.update_xaxes(title_text="query-key distance (tokens, log)", type="log",
+                     range=[np.log10(lo) - 0.1, np.log10(hi) + 0.1], tickvals=ticks, ticktext=[length_label(t) for t in ticks])
     fig.update_yaxes(title_text="RMS error / RMS logit (%)" if rel else "RMS logit error", rangemode="tozero")
     return _style(fig, height)
 

@@ -136,8 +136,10 @@ def phase_figure(table: pd.DataFrame, trained_context: int, distance: int, pi_la
         fig.add_trace(go.Scatter(x=j, y=table[col], name=name, mode="lines", line=dict(color=colour, width=width, dash=dash),
                                  legendgroup=col, hovertemplate=f"pair %{{x}}: %{{y:.3g}} turns<extra>{name}</extra>"),
                       row=1, col=1)
-    fig.add_hline(y=1.0, line_color="#888", line_width=1, row=1, col=1, annotation_text="one full turn",
-                  annotation_position="bottom left", annotation_font=dict(size=11, color="#666"))
+    fig.add_hline(y=1.0, line_color="#888", line_width=1, row=1, col=1)
+    # on a log axis an annotation's y is log10 of the value (shapes take the value itself)
+    fig.add_annotation(x=0, xref="x domain", y=0.0, yref="y", text="one full turn", showarrow=False, xanchor="left",
+                       yanchor="top", font=dict(size=11, color="#666"))
     fig.add_trace(go.Scatter(x=j, y=table["s"], mode="lines+markers", marker=dict(size=4), line=dict(color=PI_C, width=2),
                              showlegend=False, name="s_j", hovertemplate="pair %{x}: s = %{y:.3g}<extra></extra>"), row=2, col=1)
     for col, colour, width, name in (("step_none", NONE_C, 4, "no PI"), ("step_pi", PI_C, 2, pi_label)):
