@@ -444,11 +444,14 @@ def _oom_message(model, length, batch, loss_chunk) -> str:
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Per length, tokens-weighted: log_ppl = total nll / total tokens, ppl = exp(log_ppl)."""
-    g = table.groupby("length", sort=True).agg(docs=("doc", "count"), windows=("windows", "sum"),
-                                              tokens=("tokens", "sum"), nll=("nll", "sum")).reset_index()
-    g["log_ppl"] = g["nll"] / g["tokens"]
-    g["ppl"] = g["log_ppl"].map(math.exp)
-    return g
+    # plain Python over the rows: a pandas groupby costs ~15 ms a call, which is a search's hot path
+    acc: dict[int, list] = {}
+    for L, w, t, n in zip(table["length"].tolist(), table["windows"].tolist(), table["tokens"].tolist(), table["nll"].tolist()):
+        a = acc.setdefault(int(L), [0, 0, 0, 0.0])
+        a[0], a[1], a[2], a[3] = a[0] + 1, a[1] + w, a[2] + t, a[3] + n
+    rows = [{"length": L, "docs": d, "windows": w, "tokens": t, "nll": n, "log_ppl": n / t, "ppl": math.exp(n / t)}
+            for L, (d, w, t, n) in sorted(acc.items())]
+    return pd.DataFrame(rows, columns=["length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"])
 
 
 def weighted_objective(summary_df: pd.DataFrame, weights: dict[int, float] | None = None) -> float:
