@@ -384,7 +384,8 @@ class TuneResult:
 
 
 def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, tuning: Tuning,
-             base: TuneResult | None = None, calib: str = "embedded:dev", control: bool = False):
+             base: TuneResult | None = None, calib: str = "embedded:dev", control: bool = False,
+             max_docs: int = 0):
     """Perplexity of full precision, quantized and quantized + scales at eval_cfg.lengths.
 
     The fp and quant curves do not depend on the scales: they are taken from `base` when it was
@@ -393,7 +394,7 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
     """
     def run(progress: Progress, cancel: threading.Event) -> TuneResult:
         t0 = time.time()
-        base_key = (key, pi, quant_key(quant, pi, calib) or quant, corpus, eval_cfg)
+        base_key = (key, pi, quant_key(quant, pi, calib) or quant, corpus, eval_cfg, max_docs)
         entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
         with entry.wb.lock:
             _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.2)
@@ -405,7 +406,13 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             extra = ("fp_scaled",) if quantized and control else ()
             variants = (scaled, *extra) if reuse else ("fp", "quant", scaled, *extra)
             progress(0.2, "tokenizing the corpus")
-            table = wb.perplexity(corpus, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
+            docs = corpus
+            if max_docs:  # a quick subset for live tuning: the first documents of the corpus
+                from qroar.workbench import Corpus
+
+                c = wb.corpus(corpus)
+                docs = Corpus(corpus, c.doc_ids[:max_docs], c.tokens[:max_docs])
+            table = wb.perplexity(docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
             note = wb.invariance_note()
         if not quantized:
             table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))

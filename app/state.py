@@ -71,6 +71,7 @@ DEFAULTS = {
     "qroar.auto_run": True,  # re-run perplexity when a scale moves
     "qroar.control": False,  # also evaluate FP + scales (tells temperature gains from quantization repair)
     "qroar.max_windows": 1,  # windows per document and length on Tune (0: as on Setup)
+    "qroar.max_docs": 1,  # documents per Tune re-run (0: every document of the corpus); 1 keeps a move ~1 s on a CPU
     "search.n_candidates": 7,
     "search.sweeps": 1,
     "search.lengths": None,  # None: the Setup lengths

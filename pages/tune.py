@@ -107,18 +107,23 @@ with left:
     w.toggle("Also FP + scales (control)", "qroar.control",
              help="Shared mode is a per-band attention temperature: if FP + scales improves as much as PTQ + scales, "
                   "the gain is not a repair of quantization noise. Costs one more evaluation per move.")
+    w.number("Documents per re-run (0 = all)", "qroar.max_docs", min_value=0, step=1,
+             help="Live tuning on the first documents of the corpus keeps a move near a second on a CPU; "
+                  "Search and Perplexity use every document.")
     w.number("Windows per document and length (0 = as on Setup)", "qroar.max_windows", min_value=0, step=1,
              help="Fewer windows keep each re-run quick; Perplexity on its own page uses the Setup value.")
 
 # One job per distinct setting: a move while a run is going cancels that run and queues the new one.
-sig = repr((state.loaded_key(), pi, quant, corpus, cfg, replace(tuning, edges=edges), state.get("qroar.control")))
+sig = repr((state.loaded_key(), pi, quant, corpus, cfg, replace(tuning, edges=edges), state.get("qroar.control"),
+            state.get("qroar.max_docs")))
 last = state.job("tune")
 if run or (state.get("qroar.auto_run") and (last is None or last.meta.get("sig") != sig)):
     if last is not None and not last.is_finished:
         state.backend().queue.cancel(last.id)
     base = state.result("tune")
     fn = tune_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg, tuning,
-                  base.result if base is not None else None, control=bool(state.get("qroar.control")))
+                  base.result if base is not None else None, control=bool(state.get("qroar.control")),
+                  max_docs=int(state.get("qroar.max_docs") or 0))
     state.submit("tune", fn, label=f"Perplexity with scales at {len(cfg.lengths)} length(s)",
                  meta={"sig": sig, "pi": pi.label(), "quant": quant.describe()})
 

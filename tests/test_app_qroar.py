@@ -302,3 +302,27 @@ def test_tune_job_control_adds_fp_plus_scales_and_keeps_it_apart_from_ptq_plus_s
     for n in (64, 128):  # shared scales move both curves away from their unscaled ones, independently
         assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("scaled", n)] != ppl[("quant", n)]
         assert ppl[("fp_scaled", n)] != ppl[("scaled", n)]
+
+
+def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path):
+    import threading
+
+    from qroar.bands import BandConfig
+    from qroar.perplexity import EvalConfig
+    from qroar.quant import QuantConfig
+    from qroar.rescale import ScaleConfig
+    from qroar.rope import PIConfig
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"d{i}.txt").write_text("".join(string.ascii_letters[(k * (i + 3)) % 52] for k in range(300)))
+    backend = engine.Backend()
+    key = engine.ModelKey(tiny_dir, "cpu", "auto", False, False)
+    tuning = engine.Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.2, 1.0, 1.0, 1.0))
+    run = lambda n: engine.tune_job(backend, key, PIConfig(), QuantConfig(method="rtn", bits=4, group_size=16), str(folder),
+                                    EvalConfig(lengths=(64,), max_windows_per_doc=1), tuning, max_docs=n)(lambda f, m: None, threading.Event())
+    one, every = run(1), run(0)
+    assert one.table["doc"].nunique() == 1 and every.table["doc"].nunique() == 3
+    first = every.table[every.table["doc"] == one.table["doc"].iloc[0]].set_index("variant")["nll"]
+    assert one.table.set_index("variant")["nll"].to_dict() == pytest.approx(first.to_dict())
