@@ -76,7 +76,7 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
     if has_change:
         t = change_table(summary)
         fig.add_trace(go.Scatter(x=t["length"], y=t["scaled vs PTQ %"], name="change vs PTQ", showlegend=False,
-                                 mode="lines+markers", line=dict(color=STYLE["scaled"][1], width=2),
+                                 mode="lines+markers", line=dict(color="#9e9e9e", width=1.5),  # neutral: the markers say better/worse
                                  marker=dict(size=9, symbol="diamond",
                                              color=[STYLE["scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t["scaled vs PTQ %"]]),
                                  hovertemplate="PTQ + scales vs PTQ: %{y:+.3f}%<extra></extra>"), row=2, col=1)
