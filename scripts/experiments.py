@@ -115,7 +115,7 @@ def qroar(wb, a) -> tuple[dict, str]:
                            dev_objective=r.objective["dev"], heldout_objective=r.objective["heldout"])
                 runs.append(run)
                 print(f"  w{bits} {mode}/{order}: held-out objective {run['gain_pct']:+.2f}% in {run['seconds']:.0f}s", flush=True)
-    md = [f"| bits | mode | order | " + " | ".join(f"FP @{L}" for L in a.lengths) + " | "
+    md = ["| bits | mode | order | " + " | ".join(f"FP @{L}" for L in a.lengths) + " | "
           + " | ".join(f"PTQ @{L}" for L in a.lengths) + " | " + " | ".join(f"PTQ+Q-ROAR @{L}" for L in a.lengths)
           + " | held-out objective | scales |",
           "|---|---|---|" + "---|" * (3 * len(a.lengths) + 2)]

@@ -80,3 +80,19 @@ def save_tiny(path, model=None):
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")
+
+
+def save_char_tiny(out) -> str:
+    """A tiny random Llama with a character-level tokenizer (every printable character, vocab < 128)."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = dict.fromkeys(string.printable[:95] + "\n")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tiny_llama().save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

@@ -1,6 +1,5 @@
 """The diagnostics page driven headless (AppTest) on a tiny random Llama, and its chart builders on real tables."""
 
-import string
 import sys
 from pathlib import Path
 
@@ -68,19 +67,9 @@ def test_tir_colour_scale_is_centred_at_one_and_symmetric_in_log():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models as tmodels
-    from transformers import PreTrainedTokenizerFast
+    from conftest import save_char_tiny
 
-    from conftest import tiny_llama
-
-    chars = dict.fromkeys(string.printable[:95] + "\n")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _ok(at):

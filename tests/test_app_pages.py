@@ -1,6 +1,5 @@
 """The dashboard driven headless (streamlit AppTest) on a tiny random Llama saved to a folder."""
 
-import string
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ sys.path.insert(0, str(ROOT))
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import state  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
 
 MAIN = str(ROOT / "app" / "main.py")
 TIMEOUT = 60  # two CPU cores shared with other test runs
@@ -20,18 +18,9 @@ TIMEOUT = 60  # two CPU cores shared with other test runs
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A 2-layer random Llama with a character-level tokenizer (vocab < 128), saved like a real model."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from conftest import save_char_tiny
 
-    chars = dict.fromkeys(string.printable[:95] + "\n")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def new_app(query_params=None) -> AppTest:

@@ -24,18 +24,9 @@ TIMEOUT = 120  # two CPU cores shared with other test runs
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A 2-layer random Llama (head_dim 16: 8 RoPE pairs, trained context 64) with a character tokenizer."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from conftest import save_char_tiny
 
-    chars = dict.fromkeys(string.printable[:95] + "\n")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def ok(at: AppTest) -> None:
