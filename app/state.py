@@ -83,6 +83,8 @@ DEFAULTS = {
     "search.max_windows": 2,  # 0: every window
     "search.checkpoint": "",
     "search.k_folds": 0,
+    "search.race": False,  # successive halving over dev documents
+    "search.nested": False,  # every length from one forward at the longest
     "export.folder": "",
     "export.quantized": False,
 }

@@ -5,6 +5,8 @@ Every figure is paired with a baseline measured in the same run on the same mode
             forward model(input_ids) and vs model(input_ids, labels=...), tokens/s and peak memory
   quant     quantization time of every linear layer for RTN, GPTQ and AWQ vs one bare forward
   capture   diagnostics capture at one length vs one bare forward (time and peak memory)
+  search    the full search (8 bands x 7 candidates, 10 documents up to 32K): racing + nested end to end,
+            against the naive estimate (every candidate on every document, one forward per length)
 
 Usage:  python bench/run.py --model random:llama2-7b --cases eval,quant,capture --out bench/results/h100.json
 Random-weight models time exactly like real ones (timing does not depend on weight values).
@@ -132,6 +134,58 @@ def case_capture(wb: Workbench, L, args):
     return [r]
 
 
+def case_search(wb: Workbench, args):
+    """The full search on this model: 8 bands x 7 candidates, one sweep, args.search_docs dev documents
+    at lengths up to args.search_lengths' longest. Measures one candidate's evaluation on the dev set
+    tiled (one forward per length, the guard's short length first) and nested (one forward per
+    document), then runs the racing + nested search end to end. Documents are random tokens: timing
+    does not depend on them, but what racing prunes does, so its worst case is reported too."""
+    from qroar.bands import BandConfig
+    from qroar.search import SearchConfig, _race_budget, search, windows_for
+    from qroar.workbench import Corpus
+
+    dev = wb.device
+    lengths = tuple(int(x) for x in args.search_lengths.split(","))
+    n_dev, n_held = args.search_docs, args.search_heldout
+    docs = [random_doc(max(lengths), wb.info.vocab_size, seed=100 + i) for i in range(n_dev + n_held)]
+    wb._corpora["bench:dev"] = Corpus("bench:dev", [f"dev{i}" for i in range(n_dev)], docs[:n_dev])
+    wb._corpora["bench:held"] = Corpus("bench:held", [f"held{i}" for i in range(n_held)], docs[n_dev:])
+    wb.set_quant(QuantConfig(method="rtn", bits=4, group_size=128))
+    wb.set_bands(BandConfig(n_bands=8))
+    windows = windows_for(wb)
+    base = dict(n_candidates=7, sweeps=1, lengths=lengths, dev_corpus="bench:dev", heldout_corpus="bench:held",
+                max_windows_per_doc=1)
+    wb.set_scales([1.0] * 8)
+
+    def one(nested):
+        cfg = EvalConfig(lengths=lengths, max_windows_per_doc=1, nested=nested)
+        return lambda: wb.evaluate("bench:dev", cfg, "scaled")
+
+    tiled, _ = timed(one(False), dev)
+    nested, _ = timed(one(True), dev)
+    n_cand = 8 * 6
+    per_doc = nested / n_dev
+    worst = _race_budget(n_dev, [6] * 8, SearchConfig(**base, race=True, nested=True))
+    wb.set_scales(None)
+    sync(dev)
+    t = time.perf_counter()
+    r = search(wb, SearchConfig(**base, race=True, nested=True), windows)
+    sync(dev)
+    wall = time.perf_counter() - t
+    row = {"case": "search", "bands": 8, "candidates": 7, "dev_docs": n_dev, "heldout_docs": n_held,
+           "lengths": "/".join(str(n) for n in lengths),
+           "candidate_eval_tiled_s": round(tiled, 2), "candidate_eval_nested_s": round(nested, 2),
+           "naive_estimate_s": round((1 + n_cand) * tiled + 3 * tiled * n_held / n_dev + tiled, 1),
+           "nested_exhaustive_estimate_s": round((1 + n_cand) * nested + 3 * nested * n_held / n_dev + nested, 1),
+           "racing_worst_case_s": round((worst + 2 * n_dev + 3 * n_held) * per_doc, 1),
+           "race_search_s": round(wall, 1), "race_evaluations": r.evaluations,
+           "race_doc_forwards": r.doc_evaluations, "racing_worst_case_doc_forwards": worst + 2 * n_dev + 3 * n_held,
+           "naive_doc_forwards": (n_cand + 2) * n_dev * len(lengths) + 3 * n_held * len(lengths),
+           "target_s": 300}
+    print_row(row)
+    return [row]
+
+
 def print_row(r):
     print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -161,6 +215,9 @@ def main():
     ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--capture-length", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--search-lengths", default="4096,16384,32768")
+    ap.add_argument("--search-docs", type=int, default=10)
+    ap.add_argument("--search-heldout", type=int, default=4)
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args()
 
@@ -185,6 +242,8 @@ def main():
         rows += case_eval(wb, [int(x) for x in args.lengths.split(",")], args)
     if "capture" in cases:
         rows += case_capture(wb, args.capture_length, args)
+    if "search" in cases:
+        rows += case_search(wb, args)
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,13 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
         w.radio("Sweeps over the bands", "search.sweeps", [1, 2], horizontal=True)
         w.select("k-fold stability", "search.k_folds", FOLDS, format_func=lambda k: "off" if k == 0 else f"{k} folds",
                  help="Search again on k subsets of the dev documents and report the spread of the chosen scales.")
+        w.toggle("Race candidates (successive halving)", "search.race",
+                 help="Score every candidate on the first dev document, then only the best third that beat the current "
+                      "scale on more documents (1, 3, 9, ..., all). Several times cheaper on many documents; it can miss "
+                      "a candidate that wins only on later documents.")
+        w.toggle("Nested windows (one forward per window)", "search.nested",
+                 help="Shorter lengths are scored on the prefixes of the longest windows, so every length costs one "
+                      "forward at the longest. The same text at every length.")
     with c2:
         options = state.length_options(trained)
         lengths = w.multiselect("Context lengths (tokens)", "search.lengths", options,
@@ -105,13 +112,15 @@ if st.button("Start search", type="primary", icon=":material/play_arrow:", disab
             lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
             dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
             max_windows_per_doc=int(state.get("search.max_windows")) or None, mode=tuning.scale.mode,
-            order=tuning.scale.order, checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")))
+            order=tuning.scale.order, checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")),
+            race=bool(state.get("search.race")), nested=bool(state.get("search.nested")))
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
         fn = search_job(state.backend(), state.loaded_key(), pi, quant, tuning, windows, cfg)
         per = 1 + cfg.sweeps * (cfg.n_candidates - 1) * (len(edges) - 1)
-        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands (about {per * (1 + cfg.k_folds) + 6} evaluations)",
+        size = "at most" if cfg.race else "about"
+        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands ({size} {per * (1 + cfg.k_folds) + 6} evaluations)",
                      meta={"cfg": cfg, "pi": pi.label(), "quant": quant.describe(),
                            "tune": {k: state.get(k) for k in TUNE_KEYS}})
         st.rerun()

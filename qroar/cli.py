@@ -320,6 +320,11 @@ def add_search(sub) -> None:
     o.add_argument("--guard", type=float, default=0.005, help="short-context guard: max relative ppl rise at the shortest length")
     o.add_argument("--folds", type=int, default=0, help="k-fold stability of the chosen scales (0 = off)")
     o.add_argument("--checkpoint", default=None, help="JSON file saved after every evaluation; rerun with it to resume")
+    o.add_argument("--race", action="store_true",
+                   help="successive halving over dev documents: candidates that lose on the first documents stop early")
+    o.add_argument("--race-eta", type=int, default=3, help="racing keeps the best 1/eta of the candidates per rung (2-4)")
+    o.add_argument("--nested", action="store_true",
+                   help="score every length from one forward at the longest (shorter lengths = prefixes of the long windows)")
     s.add_argument("--out", default=None, help="write the scales file here (e.g. scales.json)")
     s.add_argument("--report", default=None, help="write REPORT.json (everything) and REPORT.csv (held-out table)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -348,7 +353,7 @@ def cmd_search(a) -> int:
     cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(lengths), length_weights=weights,
                        guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
                        max_windows_per_doc=a.max_windows, batch_size=a.batch_size, mode=a.mode, order=a.order,
-                       checkpoint=a.checkpoint, k_folds=a.folds)
+                       checkpoint=a.checkpoint, k_folds=a.folds, race=a.race, race_eta=a.race_eta, nested=a.nested)
     say(f"model {wb.info.name} ({wb.info.model_type}, trained context {tc}) on {wb.info.device}/{wb.info.dtype}; "
         f"PI {wb.pi.label()}{_placement_line(wb.info)}")
     q = quant_from_args(a, tc)

@@ -12,6 +12,14 @@ each has at least L-1-s tokens of context; a tail shorter than s stays unscored.
 short for one window (fewer than L document tokens, L-1 with BOS) are listed in
 `EvalResult.skipped`, never silently dropped.
 
+Nested windows (`nested=True`, no stride). Each document is cut into windows of its longest
+length in `lengths` that it can fill; the windows at every shorter length L are the L-prefixes of
+those windows (same start, same BOS). Causal attention makes the first L-1 predictions of a long
+window exactly those of its L-prefix, so one forward at the longest length scores every length:
+a search over lengths 4K-32K costs one 32K forward per window instead of four. Shorter lengths then
+score fewer tokens than with tiling (only the prefixes), which is the point: the same text at
+every length.
+
 Loss. The decoder body gives the last hidden states; the output head (plus Gemma's
 final_logit_softcapping) runs on `loss_chunk` positions at a time and cross-entropy sums
 accumulate in fp32, so full [L, vocab] logits are never held.
@@ -52,6 +60,7 @@ class EvalConfig:
     batch_size: int | None = None
     loss_chunk: int | None = None  # None: auto_loss_chunk (1024 on CPU; ~1 GiB of fp32 logits on a GPU)
     add_bos: bool | None = None
+    nested: bool = False  # shorter lengths are prefixes of the longest windows: one forward per window
 
     def __post_init__(self):
         lengths = self.lengths
@@ -74,16 +83,19 @@ class EvalConfig:
             raise ConfigError(f"loss_chunk must be a positive integer number of positions, got {self.loss_chunk!r}.")
         if self.add_bos is not None and not isinstance(self.add_bos, bool):
             raise ConfigError(f"add_bos must be true, false or empty (automatic), got {self.add_bos!r}.")
+        if not isinstance(self.nested, bool) or (self.nested and self.stride is not None):
+            raise ConfigError("nested must be true or false, and nested windows take no stride (they never overlap).")
 
     def to_dict(self) -> dict:
         return {
             "lengths": list(self.lengths), "stride": self.stride, "max_windows_per_doc": self.max_windows_per_doc,
             "batch_size": self.batch_size, "loss_chunk": self.loss_chunk, "add_bos": self.add_bos,
+            "nested": self.nested,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalConfig":
-        known = ("stride", "max_windows_per_doc", "batch_size", "loss_chunk", "add_bos")
+        known = ("stride", "max_windows_per_doc", "batch_size", "loss_chunk", "add_bos", "nested")
         lengths = d.get("lengths", cls.lengths)
         return cls(lengths=tuple(lengths) if isinstance(lengths, list) else lengths,
                    **{k: d[k] for k in known if k in d})
@@ -159,9 +171,11 @@ def input_device(model) -> torch.device:
 
 @torch.no_grad()
 def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
-                n_scored: torch.Tensor | None = None) -> torch.Tensor:
+                n_scored: torch.Tensor | None = None, cuts: list[int] | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy per window, (B,) fp32, scoring the last n_scored[b]
-    predictions of window b (all L-1 by default). Logits exist only loss_chunk positions at a time."""
+    predictions of window b (all L-1 by default). Logits exist only loss_chunk positions at a time.
+    cuts: prefix lengths instead: (B, len(cuts)) float64, column j the sum over the first cuts[j]-1
+    predictions (the loss of the window's cuts[j]-token prefix)."""
     B, L = input_ids.shape
     ids = input_ids.to(input_device(model))
     hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, H)
@@ -172,7 +186,7 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
     ids = ids.to(dev).reshape(-1)
 
     # flat index of every scored prediction position p (predicting the token at p+1), and its window
-    n_scored = torch.full((B,), L - 1) if n_scored is None else n_scored.cpu()
+    n_scored = torch.full((B,), L - 1) if n_scored is None or cuts is not None else n_scored.cpu()
     pos = torch.arange(L - 1)
     mask = pos[None, :] >= (L - 1 - n_scored)[:, None]  # (B, L-1)
     win, p = mask.nonzero(as_tuple=True)
@@ -180,14 +194,21 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
     win = win.to(dev)
 
     sums = torch.zeros(B, dtype=torch.float32, device=dev)
+    per_pos = torch.zeros(B * (L - 1), dtype=torch.float32, device=dev) if cuts is not None else None
     for a in range(0, flat.numel(), loss_chunk):
         idx = flat[a:a + loss_chunk]
         logits = head(hidden.index_select(0, idx.to(hidden.device)).to(dev)).float()  # (chunk, V)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         loss = F.cross_entropy(logits, ids[idx + 1], reduction="none")
-        sums.index_add_(0, win[a:a + loss_chunk], loss)
-    return sums
+        if per_pos is None:
+            sums.index_add_(0, win[a:a + loss_chunk], loss)
+        else:  # all positions are scored here, so flat row b*L+p is prediction b*(L-1)+p
+            per_pos[a:a + loss_chunk] = loss
+    if per_pos is None:
+        return sums
+    csum = per_pos.view(B, L - 1).double().cumsum(1)
+    return csum[:, torch.tensor([c - 2 for c in cuts], device=dev)]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -345,37 +366,60 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
         from dataclasses import replace
 
         cfg = replace(cfg, loss_chunk=auto_loss_chunk(text.vocab_size, input_device(model).type))
-    plan, skipped = [], []
-    for L in cfg.lengths:
-        per_doc = [make_windows(d.long().cpu(), L, bos, cfg.stride, cfg.max_windows_per_doc) for d in token_docs]
-        for i, (w, _) in enumerate(per_doc):
-            if len(w) == 0:
-                skipped.append({"doc": ids_of[i], "length": L, "tokens": token_docs[i].numel()})
-        if sum(len(w) for w, _ in per_doc) == 0:
-            need = L - 1 if bos is not None else L
-            raise DataError(f"No document has the {need} tokens one window of length {L} needs: "
-                            "choose a shorter length or add longer documents.")
-        windows = torch.cat([w for w, _ in per_doc])
-        scored = torch.cat([s for _, s in per_doc])
-        owner = torch.cat([torch.full((len(w),), i) for i, (w, _) in enumerate(per_doc)])
-        batch = cfg.batch_size or auto_batch_size(model, L, len(windows), cfg.loss_chunk)
-        check_fits(model, L, batch, cfg.loss_chunk)
-        plan.append((L, windows, scored, owner, batch, cfg.batch_size is None))
+    plan, skipped = [], []  # plan: (forward length, windows, n_scored, owner doc, batch, auto batch, lengths scored)
+    if cfg.nested:
+        need = lambda L: L - 1 if bos is not None else L  # noqa: E731  document tokens one window of L needs
+        top = [max((L for L in cfg.lengths if d.numel() >= need(L)), default=None) for d in token_docs]
+        for L in cfg.lengths:
+            for i, d in enumerate(token_docs):
+                if top[i] is None or top[i] < L:
+                    skipped.append({"doc": ids_of[i], "length": L, "tokens": d.numel()})
+            if all(t is None or t < L for t in top):
+                raise DataError(f"No document has the {need(L)} tokens one window of length {L} needs: "
+                                "choose a shorter length or add longer documents.")
+        for Lf in sorted({t for t in top if t is not None}):
+            mine = [i for i, t in enumerate(top) if t == Lf]
+            per_doc = [make_windows(token_docs[i].long().cpu(), Lf, bos, None, cfg.max_windows_per_doc) for i in mine]
+            windows = torch.cat([w for w, _ in per_doc])
+            owner = torch.cat([torch.full((len(w),), i) for i, (w, _) in zip(mine, per_doc)])
+            batch = cfg.batch_size or auto_batch_size(model, Lf, len(windows), cfg.loss_chunk)
+            check_fits(model, Lf, batch, cfg.loss_chunk)
+            plan.append((Lf, windows, None, owner, batch, cfg.batch_size is None, [L for L in cfg.lengths if L <= Lf]))
+    else:
+        for L in cfg.lengths:
+            per_doc = [make_windows(d.long().cpu(), L, bos, cfg.stride, cfg.max_windows_per_doc) for d in token_docs]
+            for i, (w, _) in enumerate(per_doc):
+                if len(w) == 0:
+                    skipped.append({"doc": ids_of[i], "length": L, "tokens": token_docs[i].numel()})
+            if sum(len(w) for w, _ in per_doc) == 0:
+                need = L - 1 if bos is not None else L
+                raise DataError(f"No document has the {need} tokens one window of length {L} needs: "
+                                "choose a shorter length or add longer documents.")
+            windows = torch.cat([w for w, _ in per_doc])
+            scored = torch.cat([s for _, s in per_doc])
+            owner = torch.cat([torch.full((len(w),), i) for i, (w, _) in enumerate(per_doc)])
+            batch = cfg.batch_size or auto_batch_size(model, L, len(windows), cfg.loss_chunk)
+            check_fits(model, L, batch, cfg.loss_chunk)
+            plan.append((L, windows, scored, owner, batch, cfg.batch_size is None, [L]))
 
     total = sum(len(w) * L for L, w, *_ in plan)
     done = 0
-    rows = []
+    n_docs = len(token_docs)
+    nll = {L: torch.zeros(n_docs, dtype=torch.float64) for L in cfg.lengths}
+    wins = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
+    toks = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: ~2 ms each on a 7B model, so only when needed
+        model.eval()
     try:
-        for L, windows, scored, owner, batch, auto in plan:
+        for L, windows, scored, owner, batch, auto, cut_at in plan:
             reset_dynamic_rope(model)
-            nll = torch.zeros(len(token_docs), dtype=torch.float64)
             a = 0
             while a < len(windows):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("Perplexity evaluation cancelled; the model is unchanged.")
-                sums = _run_batch(model, windows[a:a + batch], scored[a:a + batch], cfg.loss_chunk, L)
+                sums = _run_batch(model, windows[a:a + batch], None if scored is None else scored[a:a + batch],
+                                  cfg.loss_chunk, L, None if scored is not None else cut_at)
                 if sums is None:  # out of memory: memory already freed
                     if auto and batch > 1:
                         batch //= 2
@@ -386,21 +430,24 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
                         f"The loss at length {L} is not finite (NaN or inf logits): the weights overflow "
                         f"{next(model.parameters()).dtype} under the current settings. Use scales nearer 1, another "
                         "quantizer setting, or bf16/fp32 instead of fp16.")
-                nll.index_add_(0, owner[a:a + batch], sums.double().cpu())
-                done += len(sums) * L
+                who = owner[a:a + batch]
+                sums = sums.double().cpu().reshape(len(who), -1)
+                for j, Lc in enumerate(cut_at):
+                    nll[Lc].index_add_(0, who, sums[:, j])
+                    wins[Lc].index_add_(0, who, torch.ones_like(who))
+                    n = (scored[a:a + batch] if scored is not None else torch.full_like(who, Lc - 1))
+                    toks[Lc].index_add_(0, who, n)
+                done += len(who) * L
                 a += batch
                 if progress is not None:
                     progress(done / total, f"length {L}: {min(a, len(windows))}/{len(windows)} windows")
-            win_count = torch.bincount(owner, minlength=len(token_docs))
-            tok_count = torch.zeros(len(token_docs), dtype=torch.long).index_add_(0, owner, scored)
-            for i in range(len(token_docs)):
-                if win_count[i] > 0:
-                    rows.append({"doc": ids_of[i], "length": L, "windows": int(win_count[i]),
-                                 "tokens": int(tok_count[i]), "nll": float(nll[i]),
-                                 "ppl": math.exp(nll[i] / tok_count[i])})
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
+    rows = [{"doc": ids_of[i], "length": L, "windows": int(wins[L][i]), "tokens": int(toks[L][i]),
+             "nll": float(nll[L][i]), "ppl": math.exp(nll[L][i] / toks[L][i])}
+            for L in cfg.lengths for i in range(n_docs) if wins[L][i] > 0]
     table = pd.DataFrame(rows, columns=["doc", "length", "windows", "tokens", "nll", "ppl"])
     skipped_df = pd.DataFrame(skipped, columns=["doc", "length", "tokens"])
     return EvalResult(table=table, summary=summarize(table), skipped=skipped_df, config=cfg, bos=bos is not None)
@@ -409,6 +456,8 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
 def reset_dynamic_rope(model) -> None:
     """Dynamic NTK rotary modules keep the frequencies of the longest sequence they have seen; start
     each length from the trained ones, so a result at length L never depends on what ran before."""
+    if "dynamic" not in str(getattr(_text_config(model), "rope_parameters", None) or "dynamic"):
+        return  # no dynamic rope in force: skip the walk over every module (~1 ms on a 7B model)
     for m in model.modules():
         types = getattr(m, "rope_type", None)
         if not hasattr(m, "original_max_seq_len") or types is None:
@@ -420,10 +469,10 @@ def reset_dynamic_rope(model) -> None:
                 setattr(m, f"{prefix}max_seq_len_cached", m.original_max_seq_len)
 
 
-def _run_batch(model, ids, scored, loss_chunk, L):
-    """Per-window nll sums, or None after an out-of-memory error (memory freed, process intact)."""
+def _run_batch(model, ids, scored, loss_chunk, L, cuts=None):
+    """Per-window nll sums (per prefix with cuts), or None after an out-of-memory error (memory freed)."""
     try:
-        return chunked_nll(model, ids, loss_chunk, scored)
+        return chunked_nll(model, ids, loss_chunk, scored, cuts)
     except RuntimeError as e:
         if not _is_oom(e):
             raise

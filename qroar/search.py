@@ -26,6 +26,21 @@ held-out documents (fp, quant, scaled per length), never on the dev set alone. O
 stability: fold i searches on the dev documents outside fold i; per-band mean and std of the
 chosen scales are reported.
 
+Racing (`race=True`, successive halving over documents). A band's candidates are first scored on
+the first dev document, then the survivors on more: rung r holds the first eta**r documents (then
+all). At each rung a candidate survives only if its objective on the documents seen so far beats
+the incumbent's (the band's current scale) on the same documents and its short-context guard holds
+there (against the unscaled model on those documents); of those, the best ceil(n / eta) go on. The
+last rung is the whole dev set, where the usual rule picks the band's scale. Every result is kept
+per document (checkpointed), so a survivor pays only for the documents it has not seen, the
+incumbent's documents are already known, and k-fold reuses them. With eta = 3 and 10 documents a
+band of 6 new candidates costs at most 6 + 2*2 + 1*6 = 16 document evaluations instead of 60. It
+can pass over a candidate that wins only on later documents; bench/run.py --cases search measures
+what it picks against the exhaustive descent.
+
+Nested windows (`nested=True`): every length is scored from one forward at the longest
+(perplexity.EvalConfig.nested), so the guard's short length costs nothing extra.
+
 Checkpoint/resume: after every evaluation the checkpoint JSON (settings hash, every evaluated
 scale vector -> objective, best scales so far, sweep/band position) is written atomically. The
 descent is deterministic and looks every evaluation up there first, so a killed search rerun with
@@ -158,6 +173,9 @@ class SearchConfig:
     order: str = "before"
     checkpoint: str | None = None
     k_folds: int = 0
+    nested: bool = False
+    race: bool = False
+    race_eta: int = 3
 
     def __post_init__(self):
         for name in ("lengths", "length_weights"):
@@ -179,6 +197,10 @@ class SearchConfig:
             raise ConfigError(f"mode must be one of {MODES} and order one of {ORDERS}; got {self.mode!r}, {self.order!r}.")
         if not (isinstance(self.k_folds, int) and (self.k_folds == 0 or self.k_folds >= 2)):
             raise ConfigError(f"k_folds must be 0 (no folds) or at least 2, got {self.k_folds!r}.")
+        if not isinstance(self.nested, bool) or not isinstance(self.race, bool):
+            raise ConfigError(f"nested and race are true or false, got {self.nested!r} and {self.race!r}.")
+        if not (isinstance(self.race_eta, int) and 2 <= self.race_eta <= 4):
+            raise ConfigError(f"race_eta (the share of candidates kept per rung is 1/eta) must be 2, 3 or 4, got {self.race_eta!r}.")
 
     @property
     def scale_cfg(self) -> ScaleConfig:
@@ -242,9 +264,10 @@ class Checkpoint:
     def get(self, fold: str, scales) -> dict | None:
         return self.entries.get(_key(fold, scales))
 
-    def put(self, fold: str, scales, entry: dict) -> None:
+    def put(self, fold: str, scales, entry: dict, save: bool = True) -> None:
         self.entries[_key(fold, scales)] = {"key": _key(fold, scales), "fold": fold, **entry}
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         if self.path is None or not self.write:
@@ -278,6 +301,7 @@ class SearchResult:
     settings: dict = field(default_factory=dict)
     evaluations: int = 0  # computed in this run
     reused: int = 0  # taken from the checkpoint
+    doc_evaluations: int = 0  # documents evaluated in this run (one forward each per window and length; nested: per window)
     seconds: float = 0.0
 
     @property
@@ -297,6 +321,7 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
+            "doc_evaluations": self.doc_evaluations,
         }
 
 
@@ -311,12 +336,16 @@ class _Run:
         from qroar.perplexity import EvalConfig
 
         self.wb, self.cfg, self.ck = wb, cfg, ck
-        self.eval_all = EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc, batch_size=cfg.batch_size)
+        self.eval_all = EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc, batch_size=cfg.batch_size,
+                                   nested=cfg.nested)
         self.short = min(cfg.lengths)
         self.eval_short = replace(self.eval_all, lengths=(self.short,))
         rest = tuple(n for n in cfg.lengths if n != self.short)
         self.eval_rest = replace(self.eval_all, lengths=rest) if rest else None
+        if cfg.nested:  # the short length comes free with the long forward: one evaluation, guard after
+            self.eval_short, self.eval_rest = self.eval_all, None
         self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
+        self.doc_evals = 0
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
         self.scaled, self.base = scaled, base
         self.t0, self.fresh_seconds = time.time(), 0.0
@@ -395,6 +424,7 @@ class _Run:
                     if a != g:
                         self.wb.set_band_scale(b, g)
         logp = self._eval(docs, self.eval_short, variant)
+        self.doc_evals += len(docs.doc_ids)
         entry = {"scales": None if scales is None else list(scales), "objective": None, "log_ppl": logp,
                  "short_log_ppl": logp[self.short], "guard_ok": True}
         if guard_limit is not None and logp[self.short] > guard_limit:
@@ -405,11 +435,119 @@ class _Run:
             entry["objective"] = self.objective(logp)
         return entry, time.time() - t
 
+    # ------------------------------------------------------------------ per-document results (racing)
+
+    def _set(self, scales) -> str:
+        """Put `scales` on the workbench (None: full precision); the variant to evaluate."""
+        if scales is None:
+            return "fp"
+        now = self.wb.scales.tolist() if self.wb.scales is not None else None
+        if now is None:
+            self.wb.set_scales(scales, self.cfg.scale_cfg)
+        else:
+            for b, (a, g) in enumerate(zip(now, scales)):
+                if a != g:
+                    self.wb.set_band_scale(b, g)
+        return self.scaled
+
+    def per_doc(self, docs, scales, what: str = "") -> dict[str, dict[int, tuple[float, int]]]:
+        """{doc: {length: (nll, tokens)}} of `scales` on docs; only documents not yet in the
+        checkpoint are computed (in one evaluate call, so short windows still batch)."""
+        self._check()
+        missing = [d for d in docs.doc_ids if self.ck.get("doc=" + d, scales) is None]
+        if missing:
+            t = time.time()
+            res = self.wb.evaluate(docs.subset(missing), self.eval_all, self._set(scales), cancel=self.cancel)
+            got = {d: {} for d in missing}
+            for r in res.table.itertuples():
+                got[r.doc][str(int(r.length))] = [float(r.nll), int(r.tokens)]
+            for d in missing:
+                self.ck.put("doc=" + d, scales, {"scales": None if scales is None else list(scales), "per_length": got[d]},
+                            save=False)
+            self.ck.save()
+            self.fresh += 1
+            self.fresh_seconds += time.time() - t
+            self.done += len(missing)
+            self.doc_evals += len(missing)
+            self._report(what)
+        else:
+            keys = [_key("doc=" + d, scales) for d in docs.doc_ids]
+            self.reused_keys.update(k for k in keys if k in self.ck.from_file)
+        return {d: {int(L): tuple(v) for L, v in self.ck.get("doc=" + d, scales)["per_length"].items()} for d in docs.doc_ids}
+
+    def score(self, per_doc: dict, doc_ids) -> dict:
+        """The entry evaluate() would give (log_ppl per length, short_log_ppl, objective) on doc_ids."""
+        acc: dict[int, list] = {}
+        for d in doc_ids:
+            for L, (nll, tok) in per_doc[d].items():
+                a = acc.setdefault(L, [0.0, 0])
+                a[0], a[1] = a[0] + nll, a[1] + tok
+        logp = {L: n / t for L, (n, t) in sorted(acc.items())}
+        return {"log_ppl": logp, "short_log_ppl": logp.get(self.short), "objective": self.objective(logp)}
+
+    def entry(self, docs, scales, what: str = "") -> dict:
+        """evaluate()'s entry from per-document results (racing mode's evaluate)."""
+        e = self.score(self.per_doc(docs, scales, what), docs.doc_ids)
+        return {"scales": None if scales is None else list(scales), "guard_ok": True, **e}
+
+
+def rungs(n_docs: int, eta: int) -> list[int]:
+    """Documents per racing rung: 1, eta, eta**2, ... below n_docs, then n_docs."""
+    out, n = [], 1
+    while n < n_docs:
+        out.append(n)
+        n *= eta
+    return out + [n_docs]
+
+
+def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: list[float], tol: float,
+               history: list, sweep: int) -> float:
+    """Successive halving over documents for band b (module docstring); returns the band's new scale."""
+    ids = docs.doc_ids
+    ones = [1.0] * len(current)
+    alive = list(gs)
+    rows = {}
+    winner, best_obj = current[b], None
+    for n in rungs(len(ids), run.cfg.race_eta):
+        sub = docs.subset(ids[:n])
+        inc = run.entry(sub, current, f"[{fold}] band {b}: incumbent on {n} documents")
+        base = inc if current == ones else run.entry(sub, ones, f"[{fold}] unscaled on {n} documents")
+        limit = base["short_log_ppl"] + math.log1p(tol)
+        scored = []
+        for g in alive:
+            trial = current[:b] + [g] + current[b + 1:]
+            e = run.entry(sub, trial, f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g} on {n} documents")
+            ok = e["short_log_ppl"] <= limit
+            rows[g] = dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"] if ok else None,
+                           short_log_ppl=e["short_log_ppl"], guard_ok=ok, docs=n)
+            if ok and e["objective"] < inc["objective"]:
+                scored.append((e["objective"], g))
+        scored.sort()
+        if n == len(ids):
+            if scored:
+                best_obj, winner = scored[0]
+            break
+        alive = [g for _, g in scored[:math.ceil(len(alive) / run.cfg.race_eta)]]
+        if not alive:
+            break
+    history += [rows[g] for g in gs if g in rows]
+    return winner
+
 
 def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
     """Coordinate descent from all-ones; returns (scales, best entry, unscaled entry)."""
     B = len(cands)
     current = [1.0] * B
+    if run.cfg.race:
+        base = run.entry(docs, current, f"[{fold}] unscaled quantized baseline")
+        for sweep in range(run.cfg.sweeps):
+            for b in range(B):
+                gs = [g for g in cands[b] if g != current[b]]
+                current[b] = _race_band(run, fold, docs, current, b, gs, run.cfg.guard_tol, history, sweep)
+                run.ck.position = {"fold": fold, "sweep": sweep, "band": b}
+                run.ck.best[fold] = list(current)
+                run.ck.save()
+        return current, run.entry(docs, current), base
     base = run.evaluate(fold, docs, current, None, f"[{fold}] unscaled quantized baseline")
     limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
     best = base
@@ -422,7 +560,7 @@ def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list
             for g, e in zip(gs, entries):
                 better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
                 history.append(dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"],
-                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"]))
+                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids)))
                 if better:
                     best, keep = e, g
             current[b] = keep
@@ -430,6 +568,19 @@ def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list
             run.ck.best[fold] = list(current)
             run.ck.save()
     return current, best, base
+
+
+def _race_budget(n_docs: int, per_band: list[int], cfg: SearchConfig) -> int:
+    """Document evaluations racing costs at most: the baseline, then per band each rung's survivors
+    on the rung's new documents (the incumbent's documents are always known already)."""
+    r = rungs(n_docs, cfg.race_eta)
+    cost = n_docs
+    for k in per_band * cfg.sweeps:
+        alive, seen = k, 0
+        for n in r:
+            cost += alive * (n - seen)
+            seen, alive = n, math.ceil(alive / cfg.race_eta)
+    return cost * (1 + cfg.k_folds)
 
 
 def _settings_hash(wb, cfg: SearchConfig, windows, dev, held) -> tuple[str, dict]:
@@ -450,7 +601,7 @@ def _table(run: _Run, docs, fold: str, scales, variants) -> tuple[pd.DataFrame, 
     rows, obj = [], {}
     for name in variants:
         s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
-        e = run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
+        e = run.entry(docs, s, f"[{fold}] {name}") if run.cfg.race else run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
         obj[name] = e["objective"]
         rows += [dict(variant=name, length=L, log_ppl=v, ppl=math.exp(v)) for L, v in sorted(e["log_ppl"].items())]
     return pd.DataFrame(rows), obj
@@ -484,8 +635,12 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         quantized = wb.qstate is not None
         scaled, base = ("scaled", "quant") if quantized else ("fp_scaled", "fp")
         variants = ("fp", "quant", "scaled")
+        if cfg.race and parallel is not None and parallel.world_size > 1:
+            raise ConfigError("Racing runs in one process: turn race off to spread the search over processes.")
         per_descent = 1 + cfg.sweeps * sum(len(c) - 1 for c in cands)
         total = per_descent * (1 + cfg.k_folds) + 6  # + fp, quant, scaled on dev and on held-out
+        if cfg.race:  # in documents: the most racing can cost (fewer when candidates fall out early)
+            total = _race_budget(len(dev.doc_ids), [len(c) - 1 for c in cands], cfg) + 2 * len(dev.doc_ids) + 3 * len(held.doc_ids)
         run = _Run(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
         prior = (None if wb.scales is None else wb.scales.clone(), wb.scale_cfg)
         history: list[dict] = []
@@ -510,6 +665,8 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
                 raise Cancelled(f"Search cancelled after {run.fresh} evaluations; {where}.") from None
             raise
         wb.set_scales(scales, cfg.scale_cfg)
+        if cfg.race and progress is not None:
+            progress(1.0, f"done: {run.fresh} evaluations")  # the budget is an upper bound racing rarely spends
     folds = None
     if cfg.k_folds:
         f = pd.DataFrame(fold_rows)
@@ -517,11 +674,12 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
     return SearchResult(
         scales=[float(g) for g in scales], scale_cfg=cfg.scale_cfg, windows=win_table, candidates=cands,
-        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok"]),
+        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs"]),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
         note=wb.invariance_note(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
+        doc_evaluations=run.doc_evals,
     )
 
 

@@ -3,6 +3,7 @@
   python scripts/experiments.py coupling   --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
   python scripts/experiments.py quantizers --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
   python scripts/experiments.py qroar      --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
+  python scripts/experiments.py race       --model qroar-tiny --lengths 256,1024,2048 --factor 8 --nested --max-windows 1
 
 Each writes OUT/<experiment>-<model>.json (every number) and .md (the table as it appears in the docs).
 Perplexity is on the held-out documents of the embedded corpus; searches tune on the dev documents.
@@ -104,7 +105,7 @@ def qroar(wb, a) -> tuple[dict, str]:
             for order in ("before", "after"):
                 cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
                                    max_windows_per_doc=a.max_windows, mode=mode, order=order,
-                                   heldout_corpus=a.corpus)
+                                   heldout_corpus=a.corpus, race=a.race, nested=a.nested)
                 t = time.perf_counter()
                 r = search(wb, cfg)
                 wb.set_scales(None)
@@ -129,7 +130,36 @@ def qroar(wb, a) -> tuple[dict, str]:
     return {"runs": runs}, "\n".join(md)
 
 
-EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar}
+def race(wb, a) -> tuple[dict, str]:
+    """The same search exhaustive and raced (successive halving over dev documents): what each picks,
+    its held-out result, the documents it evaluated and its time."""
+    wb.set_pi(PIConfig(a.pi, a.factor))
+    wb.set_bands(BandConfig(n_bands=a.bands))
+    runs = []
+    for bits in (4, 3):
+        wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
+                                 seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
+        for raced in (False, True):
+            cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
+                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, race=raced, nested=a.nested)
+            t = time.perf_counter()
+            r = search(wb, cfg)
+            wb.set_scales(None)
+            runs.append(dict(bits=bits, race=raced, scales=[round(x, 4) for x in r.scales], seconds=time.perf_counter() - t,
+                             doc_evaluations=r.doc_evaluations, gain_pct=100 * r.heldout_gain(),
+                             dev_objective=r.objective["dev"], heldout_objective=r.objective["heldout"]))
+            print(f"  w{bits} race={raced}: {runs[-1]['gain_pct']:+.3f}% held-out, {r.doc_evaluations} documents, "
+                  f"{runs[-1]['seconds']:.0f}s", flush=True)
+    md = ["| bits | search | document evaluations | seconds | dev objective change | held-out objective change | scales |",
+          "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        dev = 100 * (2.718281828459045 ** (r["dev_objective"]["scaled"] - r["dev_objective"]["quant"]) - 1)
+        md.append(f"| W{r['bits']} | {'racing' if r['race'] else 'exhaustive'} | {r['doc_evaluations']} | {r['seconds']:.0f} | "
+                  f"{dev:+.3f}% | {r['gain_pct']:+.3f}% | " + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
+    return {"runs": runs}, "\n".join(md)
+
+
+EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar, "race": race}
 
 
 def main():
@@ -150,6 +180,8 @@ def main():
     ap.add_argument("--sweeps", type=int, default=1)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=None)
+    ap.add_argument("--race", action="store_true", help="qroar: racing search (successive halving over dev documents)")
+    ap.add_argument("--nested", action="store_true", help="qroar/race: every length from one forward at the longest")
     ap.add_argument("--out", default="docs/results")
     a = ap.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -162,7 +194,7 @@ def main():
             "command": "python scripts/experiments.py " + " ".join(sys.argv[1:])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.experiment}-{wb.info.name.replace(':', '-')}" + (f"-{a.method}" if a.experiment == "qroar" and a.method != "rtn" else "")
+    stem = f"{a.experiment}-{wb.info.name.replace(':', '-')}" + (f"-{a.method}" if a.experiment in ("qroar", "race") and a.method != "rtn" else "")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float))
     (out / f"{stem}.md").write_text(f"<!-- {meta['command']} ({meta['device']}, {meta['dtype']}, {meta['seconds']} s) -->\n{md}\n")
     print(md)

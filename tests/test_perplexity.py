@@ -61,6 +61,58 @@ def test_evaluate_matches_naive_full_logits(factory, add_bos, stride):
         assert s.loc[L, "ppl"] == pytest.approx(math.exp(t.nll.sum() / t.tokens.sum()))
 
 
+def naive_prefix_nll(model, doc, Lf, L, bos=None, max_windows=None):
+    """Independent reference for nested windows: windows of Lf tiling the document, each scored on
+    its first L-1 predictions, from full logits of the L-token prefix alone."""
+    doc = doc.tolist()
+    span = Lf - 1 if bos is not None else Lf
+    total, tokens, start, n = 0.0, 0, 0, 0
+    while start + span <= len(doc) and (max_windows is None or n < max_windows):
+        w = (([bos] if bos is not None else []) + doc[start:start + span])[:L]
+        logp = torch.log_softmax(model(torch.tensor([w])).logits[0].double(), dim=-1)
+        total -= sum(logp[p, w[p + 1]].item() for p in range(L - 1))
+        tokens += L - 1
+        start, n = start + span, n + 1
+    return total, tokens
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("max_windows", [None, 1])
+def test_nested_windows_equal_prefix_windows_scored_alone(llama, add_bos, max_windows):
+    """One forward at the longest length a document fills scores every shorter length: each equals
+    the prefix window evaluated on its own. The 40-token document fills 32 but not 64; the 20-token
+    one fills only 16: it is skipped (and listed) at 32 and 64."""
+    ds = docs(150, 40, 20)
+    cfg = EvalConfig(lengths=(16, 32, 64), add_bos=add_bos, nested=True, max_windows_per_doc=max_windows, loss_chunk=7)
+    res = evaluate(llama, ds, cfg)
+    bos = 1 if add_bos else None
+    need = lambda L: L - 1 if add_bos else L  # noqa: E731
+    with torch.no_grad():
+        for r in res.table.itertuples():
+            top = max(L for L in (16, 32, 64) if len(ds[r.doc]) >= need(L))
+            nll, tokens = naive_prefix_nll(llama, ds[r.doc], top, r.length, bos, max_windows)
+            assert (r.tokens, r.nll) == (tokens, pytest.approx(nll, rel=1e-5))
+    assert sorted(map(tuple, res.skipped[["doc", "length"]].values.tolist())) == [(1, 64), (2, 32), (2, 64)]
+    assert set(res.table.doc[res.table.length == 16]) == {0, 1, 2}
+
+
+def test_nested_one_window_per_doc_equals_separate_lengths(qwen2):
+    """With one window per document, tiling and nesting pick the same text: identical results, from
+    one forward per document instead of one per length."""
+    ds = docs(70, 90)
+    a = evaluate(qwen2, ds, EvalConfig(lengths=(8, 24, 64), max_windows_per_doc=1, add_bos=False))
+    b = evaluate(qwen2, ds, EvalConfig(lengths=(8, 24, 64), max_windows_per_doc=1, add_bos=False, nested=True))
+    pd.testing.assert_frame_equal(a.table[["doc", "length", "windows", "tokens"]], b.table[["doc", "length", "windows", "tokens"]])
+    assert b.table.nll.tolist() == pytest.approx(a.table.nll.tolist(), rel=1e-5)
+    calls = []
+    hook = qwen2.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    try:
+        evaluate(qwen2, ds, EvalConfig(lengths=(8, 24, 64), max_windows_per_doc=1, add_bos=False, nested=True, batch_size=1))
+    finally:
+        hook.remove()
+    assert calls == [64, 64]
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 7, 16, 39, 40, 1000])
 def test_chunked_nll_equals_model_loss_for_any_chunk(llama, chunk):
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -183,6 +235,7 @@ def test_needs_bos_rules():
     (dict(lengths=(16,), max_windows_per_doc=-1), "max_windows_per_doc"),
     (dict(lengths=(16,), loss_chunk=0), "loss_chunk"),
     (dict(lengths=(16,), add_bos="yes"), "add_bos"),
+    (dict(lengths=(16, 32), stride=8, nested=True), "nested"),
 ])
 def test_eval_config_validation_messages(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -193,6 +246,8 @@ def test_eval_config_round_trips_through_json():
     cfg = EvalConfig(lengths=(4096, 1024), stride=512, max_windows_per_doc=3, batch_size=2, loss_chunk=256, add_bos=True)
     back = EvalConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and back.lengths == (1024, 4096)
+    nested = EvalConfig(lengths=(8, 16), nested=True)
+    assert EvalConfig.from_dict(json.loads(json.dumps(nested.to_dict()))) == nested
 
 
 def test_weighted_objective_known_answer():

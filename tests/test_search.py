@@ -185,3 +185,81 @@ def test_cancel_keeps_checkpoint_and_resume_reaches_the_same_result(setup):
     assert r.reused == len(saved["evaluations"]) and r.evaluations == ref.evaluations - r.reused
     with pytest.raises(ConfigError, match="other settings"):
         search(wb, cfg_for(corpus, checkpoint=str(ck), guard_tol=0.01), WINDOWS)
+
+
+# ----------------------------------------------------------------------------- racing and nested windows
+
+
+def test_rungs_known_answers():
+    from qroar.search import rungs
+
+    assert rungs(10, 3) == [1, 3, 9, 10] and rungs(9, 3) == [1, 3, 9] and rungs(1, 3) == [1]
+    assert rungs(4, 2) == [1, 2, 4] and rungs(5, 4) == [1, 4, 5]
+
+
+def test_racing_with_one_document_is_the_exhaustive_descent(setup, tmp_path):
+    """With one dev document every rung is the whole dev set: racing must pick exactly what the
+    exhaustive descent picks, with the same objectives."""
+    wb, corpus, _ = setup
+    one = make_corpus(tmp_path / "one", n_dev=1, n_held=1, words=300)
+    ref = search(wb, cfg_for(one), WINDOWS)
+    wb.set_scales(None)
+    r = search(wb, cfg_for(one, race=True), WINDOWS)
+    assert r.scales == ref.scales
+    assert r.objective["dev"] == pytest.approx(ref.objective["dev"], abs=1e-9)
+    assert r.objective["heldout"] == pytest.approx(ref.objective["heldout"], abs=1e-9)
+    h, hr = r.history.set_index(["band", "g"]), ref.history.set_index(["band", "g"])
+    assert h.guard_ok.equals(hr.guard_ok) and (h.docs == 1).all()
+
+
+def test_racing_spends_less_and_its_choice_checks_out(setup):
+    """On 4 dev documents (rungs 1, 3, 4): every candidate is scored on the first document, and only
+    those beating the incumbent there go on. The chosen scales' objective, recomputed independently,
+    is the one reported; documents evaluated (from the checkpoint) stay under the exhaustive count."""
+    wb, corpus, tmp = setup
+    ck = tmp / "race.json"
+    cfg = cfg_for(corpus, race=True, checkpoint=str(ck))
+    seen = []
+    r = search(wb, cfg, WINDOWS, progress=lambda f, m: seen.append(f))
+    assert r.objective["dev"]["scaled"] <= r.objective["dev"]["quant"]
+    assert _objective(wb, corpus["dev"], r.scales, cfg) == pytest.approx(r.objective["dev"]["scaled"], abs=1e-9)
+    n_cands = sum(len(c) - 1 for c in r.candidates)
+    assert len(r.history) == n_cands and set(r.history.docs) <= {1, 3, 4} and (r.history.docs == 1).any()
+    entries = json.loads(ck.read_text())["evaluations"]
+    dev_docs = [e for e in entries if e["scales"] is not None and not e["key"].startswith("doc=held")]
+    assert len(dev_docs) < 4 * (1 + n_cands)  # exhaustive: every candidate and the baseline on every document
+    # a band's scale moves only to a candidate that went through every document
+    for b, g in enumerate(r.scales):
+        if g != 1.0:
+            assert r.history.query("band == @b and g == @g").docs.iloc[0] == 4
+    assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_racing_resumes_from_its_checkpoint(setup):
+    wb, corpus, tmp = setup
+    ref = search(wb, cfg_for(corpus, race=True), WINDOWS)
+    wb.set_scales(None)
+    cfg = cfg_for(corpus, race=True, checkpoint=str(tmp / "ck.json"))
+    cancel = threading.Event()
+    with pytest.raises(Cancelled, match="resume"):
+        search(wb, cfg, WINDOWS, progress=lambda f, m: cancel.set() if f > 0.3 else None, cancel=cancel)
+    r = search(wb, cfg, WINDOWS)
+    assert r.scales == ref.scales and r.objective == ref.objective and r.reused > 0
+
+
+def test_nested_search_equals_tiled_search_with_one_window(setup):
+    """One window per document: nested windows are the tiled ones, so the search is the same, with
+    one forward per document and candidate instead of one per length."""
+    wb, corpus, _ = setup
+    ref = search(wb, cfg_for(corpus), WINDOWS)
+    wb.set_scales(None)
+    r = search(wb, cfg_for(corpus, nested=True), WINDOWS)
+    assert r.scales == ref.scales
+    assert r.objective["heldout"] == pytest.approx(ref.objective["heldout"], abs=1e-6)
+
+
+def test_racing_settings_are_checked():
+    with pytest.raises(ConfigError, match="race_eta"):
+        SearchConfig(race=True, race_eta=1)
+    with pytest.raises(ConfigError, match="true or false"):
+        SearchConfig(nested="yes")
