@@ -94,40 +94,56 @@ def quantizers(wb, a) -> tuple[dict, str]:
     return {"rows": rows}, "\n".join(md)
 
 
-def qroar(wb, a) -> tuple[dict, str]:
+def qroar(wb, a, save=None) -> tuple[dict, str]:
+    """Searches per bits x mode/order; each row also evaluates the chosen scales on the full-precision
+    model (the control: does the gain repair quantization, or would FP gain as much?)."""
+    from qroar.perplexity import EvalConfig
+
     wb.set_pi(PIConfig(a.pi, a.factor))
     wb.set_bands(BandConfig(n_bands=a.bands))
     runs = []
-    for bits in (4, 3):
+    for bits in a.bits:
         wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
                                  seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
-        for mode in ("shared", "symmetric"):
-            for order in ("before", "after"):
-                cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
-                                   max_windows_per_doc=a.max_windows, mode=mode, order=order,
-                                   heldout_corpus=a.corpus, race=a.race, nested=a.nested)
-                t = time.perf_counter()
-                r = search(wb, cfg)
-                wb.set_scales(None)
-                held = r.heldout
-                run = dict(bits=bits, mode=mode, order=order, scales=[round(x, 4) for x in r.scales], note=r.note,
-                           seconds=time.perf_counter() - t, evaluations=r.evaluations, gain_pct=100 * r.heldout_gain(),
-                           heldout=json.loads(held.to_json(orient="records")),
-                           dev_objective=r.objective["dev"], heldout_objective=r.objective["heldout"])
-                runs.append(run)
-                print(f"  w{bits} {mode}/{order}: held-out objective {run['gain_pct']:+.2f}% in {run['seconds']:.0f}s", flush=True)
+        for mode, order in (c.split("/") for c in a.configs):
+            cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
+                               max_windows_per_doc=a.max_windows, mode=mode, order=order,
+                               heldout_corpus=a.corpus, race=a.race, nested=a.nested)
+            t = time.perf_counter()
+            r = search(wb, cfg)
+            secs = time.perf_counter() - t
+            ev = EvalConfig(lengths=tuple(a.lengths), max_windows_per_doc=a.max_windows, nested=a.nested)
+            control = wb.evaluate(a.corpus, ev, "fp_scaled").summary
+            wb.set_scales(None)
+            run = dict(bits=bits, mode=mode, order=order, scales=[round(x, 4) for x in r.scales], note=r.note,
+                       seconds=secs, evaluations=r.evaluations, doc_evaluations=r.doc_evaluations,
+                       gain_pct=100 * r.heldout_gain(), heldout=json.loads(r.heldout.to_json(orient="records")),
+                       fp_scaled={int(L): float(p) for L, p in zip(control["length"], control["ppl"])},
+                       dev_objective=r.objective["dev"], heldout_objective=r.objective["heldout"])
+            runs.append(run)
+            print(f"  w{bits} {mode}/{order}: held-out objective {run['gain_pct']:+.2f}% in {secs:.0f}s", flush=True)
+            if save:
+                save({"runs": runs}, _qroar_md(runs, a))
+    return {"runs": runs}, _qroar_md(runs, a)
+
+
+def _qroar_md(runs, a) -> str:
     md = ["| bits | mode | order | " + " | ".join(f"FP @{L}" for L in a.lengths) + " | "
+          + " | ".join(f"FP+scales @{L}" for L in a.lengths) + " | "
           + " | ".join(f"PTQ @{L}" for L in a.lengths) + " | " + " | ".join(f"PTQ+Q-ROAR @{L}" for L in a.lengths)
           + " | held-out objective | scales |",
-          "|---|---|---|" + "---|" * (3 * len(a.lengths) + 2)]
+          "|---|---|---|" + "---|" * (4 * len(a.lengths) + 2)]
     for r in runs:
         h = {(x["variant"], x["length"]): x["ppl"] for x in r["heldout"]}
-        cells = [f"{h[('fp', L)]:.2f}" for L in a.lengths] + [f"{h[('quant', L)]:.2f}" for L in a.lengths]
+        fs = {int(k): v for k, v in r["fp_scaled"].items()}
+        cells = [f"{h[('fp', L)]:.2f}" for L in a.lengths]
+        cells += [f"{fs[L]:.2f} ({100 * (fs[L] / h[('fp', L)] - 1):+.1f}%)" for L in a.lengths]
+        cells += [f"{h[('quant', L)]:.2f}" for L in a.lengths]
         cells += [f"{h[('scaled', L)]:.2f} ({100 * (h[('scaled', L)] / h[('quant', L)] - 1):+.1f}%)" for L in a.lengths]
         gain = f"{r['gain_pct']:+.2f}%" + (" (invariant: rounding only)" if r["note"] else "")
         md.append(f"| W{r['bits']} | {r['mode']} | {r['order']} | " + " | ".join(cells) + f" | {gain} | "
                   + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
-    return {"runs": runs}, "\n".join(md)
+    return "\n".join(md)
 
 
 def race(wb, a) -> tuple[dict, str]:
@@ -136,7 +152,7 @@ def race(wb, a) -> tuple[dict, str]:
     wb.set_pi(PIConfig(a.pi, a.factor))
     wb.set_bands(BandConfig(n_bands=a.bands))
     runs = []
-    for bits in (4, 3):
+    for bits in a.bits:
         wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
                                  seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
         for raced in (False, True):
@@ -180,23 +196,36 @@ def main():
     ap.add_argument("--sweeps", type=int, default=1)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=None)
+    ap.add_argument("--bits", default="4,3", help="qroar: weight bits to search, comma-separated")
+    ap.add_argument("--configs", default="shared/before,shared/after,symmetric/before,symmetric/after",
+                    help="qroar: mode/order pairs to search, comma-separated")
     ap.add_argument("--race", action="store_true", help="qroar: racing search (successive halving over dev documents)")
     ap.add_argument("--nested", action="store_true", help="qroar/race: every length from one forward at the longest")
+    ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--out", default="docs/results")
     a = ap.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
+    a.bits = [int(x) for x in a.bits.split(",")]
+    a.configs = a.configs.split(",")
     t = time.perf_counter()
     wb = Workbench.open(a.model, device=a.device, dtype=a.dtype)
     print(f"{a.experiment} on {wb.info.name} ({wb.info.device}/{wb.info.dtype})", flush=True)
-    data, md = EXPERIMENTS[a.experiment](wb, a)
-    meta = {"experiment": a.experiment, "model": wb.info.name, "device": wb.info.device, "dtype": wb.info.dtype,
-            "args": {k: v for k, v in vars(a).items()}, "seconds": round(time.perf_counter() - t, 1),
-            "command": "python scripts/experiments.py " + " ".join(sys.argv[1:])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.experiment}-{wb.info.name.replace(':', '-')}" + (f"-{a.method}" if a.experiment in ("qroar", "race") and a.method != "rtn" else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float))
-    (out / f"{stem}.md").write_text(f"<!-- {meta['command']} ({meta['device']}, {meta['dtype']}, {meta['seconds']} s) -->\n{md}\n")
+    stem = (f"{a.experiment}-{wb.info.name.replace(':', '-')}" + (f"-{a.method}" if a.experiment in ("qroar", "race") and a.method != "rtn" else "")
+            + (f"-{a.tag}" if a.tag else ""))
+
+    def save(data, md):  # after every row of a long experiment, so a stopped run keeps what it measured
+        meta = {"experiment": a.experiment, "model": wb.info.name, "device": wb.info.device, "dtype": wb.info.dtype,
+                "args": {k: v for k, v in vars(a).items()}, "seconds": round(time.perf_counter() - t, 1),
+                "command": "python scripts/experiments.py " + " ".join(sys.argv[1:])}
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float))
+        (out / f"{stem}.md").write_text(f"<!-- {meta['command']} ({meta['device']}, {meta['dtype']}, {meta['seconds']} s) -->\n{md}\n")
+        return meta
+
+    fn = EXPERIMENTS[a.experiment]
+    data, md = fn(wb, a, save) if a.experiment == "qroar" else fn(wb, a)
+    meta = save(data, md)
     print(md)
     print(f"wrote {out / stem}.json/.md in {meta['seconds']} s")
 
