@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qroar.perplexity import EvalConfig, evaluate  # noqa: E402
+from qroar.perplexity import FUSED_LOSS_ENV, EvalConfig, evaluate  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
@@ -81,6 +82,12 @@ def case_eval(wb: Workbench, lengths, args):
             evaluate(wb.model, [doc], cfg)
 
         r = {"case": "eval", "length": L}
+        if os.environ.get(FUSED_LOSS_ENV) == "1":  # the compiled loss must give the eager one's numbers
+            fused = evaluate(wb.model, [doc], cfg).summary.nll.iloc[0]
+            os.environ[FUSED_LOSS_ENV] = "0"
+            eager = evaluate(wb.model, [doc], cfg).summary.nll.iloc[0]
+            os.environ[FUSED_LOSS_ENV] = "1"
+            r["fused_vs_eager_rel"] = float(abs(fused - eager) / abs(eager))
         for name, fn in (("bare", bare), ("labels", labels), ("qroar", ours)):
             try:
                 s, p = timed(fn, dev, args.repeats)
@@ -218,8 +225,11 @@ def main():
     ap.add_argument("--search-lengths", default="4096,16384,32768")
     ap.add_argument("--search-docs", type=int, default=10)
     ap.add_argument("--search-heldout", type=int, default=4)
+    ap.add_argument("--fused-loss", action="store_true", help="set QROAR_FUSED_LOSS=1: compiled head + loss on CUDA")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args()
+    if args.fused_loss:
+        os.environ[FUSED_LOSS_ENV] = "1"
 
     t = time.perf_counter()
     wb = Workbench.open(args.model, device=args.device, dtype=args.dtype)
@@ -228,6 +238,7 @@ def main():
     dev = wb.device
     meta = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "dtype": wb.info.dtype, "pi": wb.pi.label(), "load_s": round(load_s, 1),
+            "fused_loss": os.environ.get(FUSED_LOSS_ENV) == "1",
             "weights_gib": round(sum(p.numel() * p.element_size() for p in wb.model.parameters()) / GiB, 2)}
     import transformers
 

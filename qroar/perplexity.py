@@ -169,6 +169,40 @@ def input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+FUSED_LOSS_ENV = "QROAR_FUSED_LOSS"  # "1": on CUDA, head + fp32 cross-entropy as one compiled function
+_fused = {}
+
+
+def _head_loss(h: torch.Tensor, weight: torch.Tensor, bias, y: torch.Tensor, cap) -> torch.Tensor:
+    """Per-position cross-entropy of the output head, fp32: what gets compiled."""
+    return _ce(F.linear(h, weight, bias), y, cap)
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:
+    logits = logits.float()
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
+def _loss_fn(head, dev: torch.device):
+    """(h, y, cap) -> per-position fp32 loss. Compiled (fused: bf16 logits read once, log-sum-exp in
+    fp32, no fp32 logits in memory) on CUDA when QROAR_FUSED_LOSS=1 and the head is a plain linear
+    layer; else the head module itself (so accelerate's offload hooks still run) then cross-entropy."""
+    import os
+
+    plain = isinstance(head, torch.nn.Linear) and not hasattr(head, "_hf_hook")
+    if dev.type != "cuda" or os.environ.get(FUSED_LOSS_ENV) != "1" or not plain:
+        return lambda h, y, cap: F.cross_entropy(_soft(head(h).float(), cap), y, reduction="none")
+    if "fn" not in _fused:
+        _fused["fn"] = torch.compile(_head_loss, dynamic=True)
+    return lambda h, y, cap: _fused["fn"](h, head.weight, head.bias, y, cap)
+
+
+def _soft(logits: torch.Tensor, cap) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 @torch.no_grad()
 def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
                 n_scored: torch.Tensor | None = None, cuts: list[int] | None = None) -> torch.Tensor:
@@ -195,12 +229,11 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
 
     sums = torch.zeros(B, dtype=torch.float32, device=dev)
     per_pos = torch.zeros(B * (L - 1), dtype=torch.float32, device=dev) if cuts is not None else None
+    loss_fn = _loss_fn(head, dev)
     for a in range(0, flat.numel(), loss_chunk):
         idx = flat[a:a + loss_chunk]
-        logits = head(hidden.index_select(0, idx.to(hidden.device)).to(dev)).float()  # (chunk, V)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits, ids[idx + 1], reduction="none")
+        h = hidden.index_select(0, idx.to(hidden.device)).to(dev)
+        loss = loss_fn(h, ids[idx + 1], cap)  # (chunk,) fp32
         if per_pos is None:
             sums.index_add_(0, win[a:a + loss_chunk], loss)
         else:  # all positions are scored here, so flat row b*L+p is prediction b*(L-1)+p

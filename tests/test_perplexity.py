@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_llama, tiny_qwen2
 from qroar import perplexity as P
@@ -355,3 +356,22 @@ def test_auto_loss_chunk_known_values():
     assert auto_loss_chunk(32000, "cuda") == 8192  # 2^28 / 32000 = 8388 -> 8192: fp32 logits ~1 GiB
     assert auto_loss_chunk(152064, "cuda") == 1024  # large vocabularies keep small chunks
     assert auto_loss_chunk(128, "cuda") == 16384
+
+
+def test_head_loss_function_equals_cross_entropy_with_and_without_softcap():
+    """The function QROAR_FUSED_LOSS compiles on a GPU is plain cross-entropy of the head's logits."""
+    g = torch.Generator().manual_seed(0)
+    h, W, b = torch.randn(9, 16, generator=g), torch.randn(50, 16, generator=g), torch.randn(50, generator=g)
+    y = torch.randint(0, 50, (9,), generator=g)
+    ref = F.cross_entropy(h @ W.T + b, y, reduction="none")
+    torch.testing.assert_close(P._head_loss(h, W, b, y, None), ref)
+    capped = F.cross_entropy(torch.tanh((h @ W.T) / 3.0) * 3.0, y, reduction="none")
+    torch.testing.assert_close(P._head_loss(h, W, None, y, 3.0), capped)
+
+
+def test_fused_loss_setting_is_ignored_off_cuda(llama, monkeypatch):
+    ds = docs(70)
+    cfg = EvalConfig(lengths=(16,), add_bos=False)
+    ref = evaluate(llama, ds, cfg).table.nll.tolist()
+    monkeypatch.setenv(P.FUSED_LOSS_ENV, "1")
+    assert evaluate(llama, ds, cfg).table.nll.tolist() == ref and not P._fused
