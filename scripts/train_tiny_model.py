@@ -465,7 +465,25 @@ def model_card(s: dict, prep: dict, train_dir: str, sweep: list[dict]) -> str:
         held_gap=f["heldout_loss"] - f["val_loss"], val_windows=f["val_windows"], held_windows=f["heldout_windows"],
         slice_doc=m["slice_doc"], slice_ppl=m["slice_ppl"], slice_chars=SLICE_CHARS, slice_windows=SLICE_WINDOWS,
         fwd=m["forward_2048_s"], threads=m["threads"], compile=" --compile" if s["compile"] else "",
+        coupling=coupling_section(),
     )
+
+
+def coupling_section(results: Path = Path("docs/results")) -> str:
+    """The PI x PTQ coupling tables measured by scripts/experiments.py, for this model and SmolLM2."""
+    parts = []
+    for name, what in (("qroar-tiny", "This model (trained context 256; 256 / 1024 / 2048 = 1x / 4x / 8x, factor 8)"),
+                       ("smollm2-135m", "SmolLM2-135M for comparison (trained context 8K; 2K / 8K / 16K, factor 2)")):
+        f = results / f"coupling-{name}.md"
+        if f.exists():
+            lines = f.read_text(encoding="utf-8").splitlines()
+            cmd = lines[0].removeprefix("<!-- ").split(" (")[0] if lines and lines[0].startswith("<!--") else ""
+            parts.append(f"{what}; `{cmd}`:\n\n" + "\n".join(x for x in lines if not x.startswith("<!--")))
+    if not parts:
+        return "Not measured yet: run `python scripts/experiments.py coupling --model qroar-tiny`."
+    return ("Perplexity on the held-out documents with no interpolation, linear and YaRN, each in full precision\n"
+            "and with RTN W4 / W3 (group 64); the penalty is relative to full precision in the same cell.\n\n"
+            + "\n\n".join(parts))
 
 
 CARD = """---
@@ -586,6 +604,10 @@ CPU; pinned by `tests/test_tiny_model.py`).
 
 One forward pass over 2048 tokens (8x the trained context, no interpolation) on {threads} CPU
 threads: {fwd:.2f} s.
+
+## Interpolation x quantization (coupling)
+
+{coupling}
 
 ## Licence
 
