@@ -145,6 +145,36 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
     assert [at.slider(key=f"w:qroar.g{b}").value for b in range(4)] == pytest.approx(r.scales, abs=1e-3)
 
 
+def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path):
+    """The two toggles reach the engine: candidates are first scored on one dev document, survivors on
+    all three (rungs 1, 3), every length from one forward at the longest."""
+    from conftest import TEXT
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for i in range(3):
+        (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
+    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
+    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
+                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    ok(at)
+    at.slider(key="w:search.n_candidates").set_value(5).run()
+    at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
+    at.number_input(key="w:search.max_windows").set_value(1).run()
+    at.toggle(key="w:search.race").set_value(True).run()
+    at.toggle(key="w:search.nested").set_value(True).run()
+    button(at, "Start search").click().run()
+    finish(at)
+    ok(at)
+    assert not at.error, [e.value for e in at.error]
+    job = record(at).jobs["search"]
+    cfg = job.meta["cfg"]
+    assert cfg.race and cfg.nested
+    r = job.result
+    assert len(r.history) == 4 * 4 and set(r.history.docs) <= {1, 3} and (r.history.docs == 1).any()
+    assert at.dataframe[0].value["length"].tolist() == [64, 128]
+
+
 # ----------------------------------------------------------------------------- Export
 
 
