@@ -129,7 +129,8 @@ current = w.job_status("search")
 job = state.result("search")
 if job is None:
     if current is None:
-        st.info("Press **Start search**. On the default settings it evaluates every candidate of every band once.",
+        st.info("Press **Start search**. On the default settings it evaluates every candidate of every band once "
+                "(with racing, most only on the first dev document).",
                 icon=":material/info:")
     st.stop()
 if job is not current:
@@ -141,7 +142,9 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['scaled'] - dev['quant']) - 1):+.3f}%")
-m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""))
+m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
+          help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
+               "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")
 if r.note:
     st.warning(f"**The change above is rounding noise, not a gain.** {r.note}", icon=":material/warning:")

@@ -364,8 +364,7 @@ class _Run:
 
     def _eval(self, docs, cfg, variant) -> dict[int, float]:
         """log-ppl per length of one variant on docs."""
-        res = self.wb.evaluate(docs, cfg, variant, cancel=self.cancel)
-        return {int(r.length): float(r.log_ppl) for r in res.summary.itertuples()}
+        return self.wb.evaluate(docs, cfg, variant, cancel=self.cancel).log_ppl()
 
     def objective(self, logp: dict[int, float]) -> float:
         from qroar.perplexity import weighted_objective
@@ -459,8 +458,8 @@ class _Run:
             t = time.time()
             res = self.wb.evaluate(docs.subset(missing), self.eval_all, self._set(scales), cancel=self.cancel)
             got = {d: {} for d in missing}
-            for r in res.table.itertuples():
-                got[r.doc][str(int(r.length))] = [float(r.nll), int(r.tokens)]
+            for r in res.rows:
+                got[r["doc"]][str(int(r["length"]))] = [float(r["nll"]), int(r["tokens"])]
             for d in missing:
                 self.ck.put("doc=" + d, scales, {"scales": None if scales is None else list(scales), "per_length": got[d]},
                             save=False)

@@ -375,3 +375,10 @@ def test_fused_loss_setting_is_ignored_off_cuda(llama, monkeypatch):
     ref = evaluate(llama, ds, cfg).table.nll.tolist()
     monkeypatch.setenv(P.FUSED_LOSS_ENV, "1")
     assert evaluate(llama, ds, cfg).table.nll.tolist() == ref and not P._fused
+
+
+def test_eval_result_log_ppl_equals_its_summary(llama):
+    res = evaluate(llama, docs(70, 40), EvalConfig(lengths=(16, 32), add_bos=False))
+    s = res.summary
+    assert res.log_ppl() == pytest.approx(dict(zip(s["length"].tolist(), s["log_ppl"].tolist())), rel=1e-12)
+    assert list(res.log_ppl()) == [16, 32]
