@@ -411,17 +411,7 @@ class _Run:
         """(checkpoint entry, seconds) of one scale vector, computed on this process's model."""
         self._check()
         t = time.time()
-        if scales is None:
-            variant = "fp"
-        else:
-            variant = self.scaled
-            now = self.wb.scales.tolist() if self.wb.scales is not None else None
-            if now is None:
-                self.wb.set_scales(scales, self.cfg.scale_cfg)
-            else:
-                for b, (a, g) in enumerate(zip(now, scales)):
-                    if a != g:
-                        self.wb.set_band_scale(b, g)
+        variant = self._set(scales)
         logp = self._eval(docs, self.eval_short, variant)
         self.doc_evals += len(docs.doc_ids)
         entry = {"scales": None if scales is None else list(scales), "objective": None, "log_ppl": logp,

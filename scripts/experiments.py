@@ -94,17 +94,23 @@ def quantizers(wb, a) -> tuple[dict, str]:
     return {"rows": rows}, "\n".join(md)
 
 
+def _setups(wb, a):
+    """PI and bands of a search experiment, then the quantizer at each of a.bits in turn (yields the bits)."""
+    wb.set_pi(PIConfig(a.pi, a.factor))
+    wb.set_bands(BandConfig(n_bands=a.bands))
+    for bits in a.bits:
+        wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
+                                 seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
+        yield bits
+
+
 def qroar(wb, a, save=None) -> tuple[dict, str]:
     """Searches per bits x mode/order; each row also evaluates the chosen scales on the full-precision
     model (the control: does the gain repair quantization, or would FP gain as much?)."""
     from qroar.perplexity import EvalConfig
 
-    wb.set_pi(PIConfig(a.pi, a.factor))
-    wb.set_bands(BandConfig(n_bands=a.bands))
     runs = []
-    for bits in a.bits:
-        wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
-                                 seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
+    for bits in _setups(wb, a):
         for mode, order in (c.split("/") for c in a.configs):
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
                                max_windows_per_doc=a.max_windows, mode=mode, order=order,
@@ -149,12 +155,8 @@ def _qroar_md(runs, a) -> str:
 def race(wb, a) -> tuple[dict, str]:
     """The same search exhaustive and raced (successive halving over dev documents): what each picks,
     its held-out result, the documents it evaluated and its time."""
-    wb.set_pi(PIConfig(a.pi, a.factor))
-    wb.set_bands(BandConfig(n_bands=a.bands))
     runs = []
-    for bits in a.bits:
-        wb.set_quant(QuantConfig(method=a.method, bits=bits, group_size=a.group_size, n_samples=a.calib_samples,
-                                 seq_len=a.calib_len or wb.info.trained_context), calib_corpus="embedded:dev")
+    for bits in _setups(wb, a):
         for raced in (False, True):
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
                                max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, race=raced, nested=a.nested)
