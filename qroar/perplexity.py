@@ -180,9 +180,7 @@ def _head_loss(h: torch.Tensor, weight: torch.Tensor, bias, y: torch.Tensor, cap
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor, cap) -> torch.Tensor:
-    logits = logits.float()
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+    logits = _soft(logits.float(), cap)
     return torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
@@ -556,9 +554,13 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"])
 
 
-def weighted_objective(summary_df: pd.DataFrame, weights: dict[int, float] | None = None) -> float:
-    """Weighted mean of log-perplexity over lengths; weights proportional to length by default."""
-    lengths = [int(n) for n in summary_df["length"]]
+def weighted_objective(summary: pd.DataFrame | dict[int, float], weights: dict[int, float] | None = None) -> float:
+    """Weighted mean of log-perplexity over lengths; weights proportional to length by default.
+    summary: a summary table (length, log_ppl) or {length: log_ppl} (EvalResult.log_ppl())."""
+    if isinstance(summary, dict):
+        lengths, logp = [int(n) for n in summary], [float(x) for x in summary.values()]
+    else:
+        lengths, logp = [int(n) for n in summary["length"]], [float(x) for x in summary["log_ppl"]]
     if weights is None:
         w = [float(n) for n in lengths]
     else:
@@ -570,7 +572,6 @@ def weighted_objective(summary_df: pd.DataFrame, weights: dict[int, float] | Non
             raise ConfigError(f"Objective weights must be finite, non-negative and not all zero, got {weights}.")
     if not lengths:
         raise DataError("No perplexity results to weigh: evaluate at least one length first.")
-    logp = [float(x) for x in summary_df["log_ppl"]]
     return sum(wi * x for wi, x in zip(w, logp)) / sum(w)
 
 

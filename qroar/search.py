@@ -369,8 +369,7 @@ class _Run:
     def objective(self, logp: dict[int, float]) -> float:
         from qroar.perplexity import weighted_objective
 
-        df = pd.DataFrame({"length": list(logp), "log_ppl": list(logp.values())})
-        return weighted_objective(df, self.cfg.weights())
+        return weighted_objective(logp, self.cfg.weights())
 
     def _cached(self, fold: str, scales, guard_limit) -> dict | None:
         hit = self.ck.get(fold, scales)
@@ -496,7 +495,7 @@ def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: lis
     ones = [1.0] * len(current)
     alive = list(gs)
     rows = {}
-    winner, best_obj = current[b], None
+    winner = current[b]
     for n in rungs(len(ids), run.cfg.race_eta):
         sub = docs.subset(ids[:n])
         inc = run.entry(sub, current, f"[{fold}] band {b}: incumbent on {n} documents")
@@ -514,7 +513,7 @@ def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: lis
         scored.sort()
         if n == len(ids):
             if scored:
-                best_obj, winner = scored[0]
+                winner = scored[0][1]
             break
         alive = [g for _, g in scored[:math.ceil(len(alive) / run.cfg.race_eta)]]
         if not alive:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def race(wb, a) -> tuple[dict, str]:
     md = ["| bits | search | document evaluations | seconds | dev objective change | held-out objective change | scales |",
           "|---|---|---|---|---|---|---|"]
     for r in runs:
-        dev = 100 * (2.718281828459045 ** (r["dev_objective"]["scaled"] - r["dev_objective"]["quant"]) - 1)
+        dev = 100 * (math.exp(r["dev_objective"]["scaled"] - r["dev_objective"]["quant"]) - 1)
         md.append(f"| W{r['bits']} | {'racing' if r['race'] else 'exhaustive'} | {r['doc_evaluations']} | {r['seconds']:.0f} | "
                   f"{dev:+.3f}% | {r['gain_pct']:+.3f}% | " + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
     return {"runs": runs}, "\n".join(md)

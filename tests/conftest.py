@@ -96,3 +96,12 @@ def save_char_tiny(out) -> str:
     tiny_llama().save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread each, far faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,25 +1,15 @@
 """The diagnostics page driven headless (AppTest) on a tiny random Llama, and its chart builders on real tables."""
 
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from app import diag_charts as dc, state  # noqa: E402
-from conftest import TEXT, save_tiny  # noqa: E402
-from qroar import diagnostics as dg, models, quant, rope  # noqa: E402
-from qroar.bands import BandConfig  # noqa: E402
-from qroar.workbench import Workbench  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 60
+from apptest import button, finish, go, load, new_app, ok, tiny_dir  # noqa: F401
+from app import diag_charts as dc, state
+from conftest import TEXT, save_tiny
+from qroar import diagnostics as dg, models, quant, rope
+from qroar.bands import BandConfig
+from qroar.workbench import Workbench
 
 
 @pytest.fixture(scope="module")
@@ -65,46 +55,25 @@ def test_tir_colour_scale_is_centred_at_one_and_symmetric_in_log():
 # ----------------------------------------------------------------------------- the page
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_char_tiny
-
-    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def _ok(at):
-    assert not at.exception, [e.message for e in at.exception]
-
-
-def _button(at, label):
-    return next(b for b in at.button if b.label == label)
-
-
 def test_diagnostics_page_runs_and_draws_every_chart(tiny_dir):
     torch.manual_seed(0)
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.selectbox(key="w:model.choice").set_value(state.OTHER_MODEL).run()
-    at.text_input(key="w:model.custom").input(tiny_dir).run()
-    _button(at, "Load model").click().run()
-    state.backend().queue.wait_idle(timeout=120)
-    at.run()  # Setup redraws with the loaded model (group sizes that divide its widths)
-    at.switch_page("../pages/diagnostics.py").run()
-    _ok(at)
+    at = load(new_app(), tiny_dir)  # Setup redraws with the loaded model (group sizes that divide its widths)
+    go(at, "diagnostics")
+    ok(at)
     assert at.title[0].value == "Diagnostics" and not at.get("plotly_chart")
     at.slider(key="w:diag.n_bands").set_value(4).run()
     at.number_input(key="w:diag.n_docs").set_value(1).run()
     at.number_input(key="w:diag.noise_pairs").set_value(16).run()
-    _button(at, "Run diagnostics").click().run()
-    state.backend().queue.wait_idle(timeout=120)
-    at.run()
-    _ok(at)
+    button(at, "Run diagnostics").click().run()
+    finish(at)
+    ok(at)
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 7  # bands, IP, TIR_W, TIR_A, quant error, noise heatmap, noise lines
     at.selectbox(key="w:diag.noise_layer").set_value("1").run()
-    _ok(at)
+    ok(at)
     assert len(at.get("plotly_chart")) == 7
     # switching pages and back re-uses the finished job: no recomputation
     at.switch_page("../pages/perplexity.py").run()
     at.switch_page("../pages/diagnostics.py").run()
-    _ok(at)
+    ok(at)
     assert len(at.get("plotly_chart")) == 7 and not state.backend().queue.active()

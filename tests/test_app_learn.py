@@ -2,26 +2,18 @@
 
 import base64
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 60  # two CPU cores shared with other test runs
+from apptest import go, new_app, ok
 
 
 @pytest.fixture
 def at() -> AppTest:
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.switch_page("../pages/learn.py").run()
-    assert not at.exception, [e.message for e in at.exception]
+    at = go(new_app(), "learn")
+    ok(at)
     return at
 
 

@@ -1,57 +1,9 @@
 """The dashboard driven headless (streamlit AppTest) on a tiny random Llama saved to a folder."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from app import state  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 60  # two CPU cores shared with other test runs
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_char_tiny
-
-    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def new_app(query_params=None) -> AppTest:
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT)
-    at.query_params.update(query_params or {})
-    return at.run()
-
-
-def finish_jobs(at: AppTest) -> AppTest:
-    """Let the worker finish this session's jobs, then rerun the page as the polling fragment would."""
-    state.backend().queue.wait_idle(timeout=120)
-    return at.run()
-
-
-def ok(at: AppTest) -> None:
-    assert not at.exception, [e.message for e in at.exception]
-
-
-def load(at: AppTest, path: str) -> AppTest:
-    at.selectbox(key="w:model.choice").set_value(state.OTHER_MODEL).run()
-    at.text_input(key="w:model.custom").input(path).run()
-    button(at, "Load model").click().run()
-    return finish_jobs(at)
-
-
-def button(at: AppTest, label: str):
-    return next(b for b in at.button if b.label == label)
-
-
-def go(at: AppTest, page: str) -> AppTest:
-    return at.switch_page(f"../pages/{page}.py").run()
+from apptest import button, finish, go, load, new_app, ok, tiny_dir  # noqa: F401
+from app import state
 
 
 def test_setup_page_renders_with_defaults_and_a_session_token():
@@ -129,7 +81,7 @@ def test_perplexity_run_shows_chart_table_and_downloads_and_survives_a_reload(ti
     go(at, "perplexity")
     button(at, "Run perplexity").click().run()
     ok(at)
-    finish_jobs(at)
+    finish(at)
     ok(at)
     assert not at.error
     charts = at.get("plotly_chart")

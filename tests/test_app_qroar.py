@@ -3,64 +3,21 @@ and the app-side engine helpers they use."""
 
 import json
 import string
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from app import engine, state  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
-from qroar.errors import ConfigError, ScalesFileError  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT = 120  # two CPU cores shared with other test runs
+from apptest import button, finish, go, load, new_app, ok, record, tiny_dir  # noqa: F401
+from app import engine, state
+from conftest import tiny_llama
+from qroar.errors import ConfigError, ScalesFileError
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_char_tiny
-
-    return save_char_tiny(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def ok(at: AppTest) -> None:
-    assert not at.exception, [e.message for e in at.exception]
-
-
-def button(at: AppTest, label: str):
-    return next(b for b in at.button if b.label == label)
-
-
-def finish(at: AppTest) -> AppTest:
-    state.backend().queue.wait_idle(timeout=300)
-    return at.run()
-
-
-def record(at: AppTest):
-    """This AppTest session's record (settings, jobs) in the process-wide registry."""
-    token = at.query_params["s"]
-    return state.backend().registry.session(token[0] if isinstance(token, list) else token)
-
-
-def loaded_app(tiny_dir: str, **settings) -> AppTest:
+def loaded_app(tiny_dir: str, **settings):
     """Setup with the tiny model loaded, lengths 64 and 128 (1x, 2x trained), one window per document."""
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.selectbox(key="w:model.choice").set_value(state.OTHER_MODEL).run()
-    at.text_input(key="w:model.custom").input(tiny_dir).run()
-    button(at, "Load model").click().run()
-    finish(at)
+    at = load(new_app(), tiny_dir)
     record(at).settings.update({"eval.lengths": [64, 128], "eval.max_windows": 1, **settings})
     return at
-
-
-def go(at: AppTest, page: str) -> AppTest:
-    return at.switch_page(f"../pages/{page}.py").run()
 
 
 # ----------------------------------------------------------------------------- Tune

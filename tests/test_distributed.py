@@ -23,13 +23,7 @@ VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
 WINDOWS = [(1.0, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.0)]  # one band searched: 4 candidates, 2 per process
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread each, far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, one thread each
 
 
 def search_cfg(corpus, checkpoint=None) -> SearchConfig:

@@ -174,17 +174,10 @@ def test_png_export_without_a_browser_says_what_to_do(monkeypatch, tmp_path):
 
 
 def test_report_page_renders_contents_commands_and_download(tmp_path):
-    from streamlit.testing.v1 import AppTest
+    from apptest import go, load, new_app, ok
 
-    from app import state
-
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=60).run()
-    at.selectbox(key="w:model.choice").set_value(state.OTHER_MODEL).run()
-    at.text_input(key="w:model.custom").input(save_tiny(tmp_path / "m")).run()
-    next(b for b in at.button if b.label == "Load model").click().run()
-    state.backend().queue.wait_idle(timeout=120)
-    at.run().switch_page("../pages/report.py").run()
-    assert not at.exception, [e.message for e in at.exception]
+    at = go(load(new_app(), save_tiny(tmp_path / "m")), "report")
+    ok(at)
     assert at.title[0].value == "Report"
     assert any(c.value.startswith("qroar eval --model") for c in at.code)  # no results yet: the settings' command
     assert any("not run yet" in m.value for m in at.markdown)

@@ -98,6 +98,15 @@ def test_rows_of_a_band_are_both_rotate_half_rows_in_every_head():
 # ----------------------------------------------------------------------------- full precision: exact effects
 
 
+def assert_band_logits_times_g2(ref, got, bands, g, rtol=1e-5, atol=1e-6):
+    """Layer 0's post-RoPE band logits after shared scaling are g_b^2 times the unscaled ones
+    (later layers see a changed input)."""
+    (q0, k0), (q1, k1) = ref[0], got[0]
+    for b, pairs in enumerate(bands.ranges()):
+        dims = head_dims_of(pairs, 16)
+        torch.testing.assert_close(band_logits(q1, k1, dims), g[b] ** 2 * band_logits(q0, k0, dims), rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
 def test_shared_mode_multiplies_each_band_logit_by_g_squared(factory):
     model = factory()
@@ -106,11 +115,7 @@ def test_shared_mode_multiplies_each_band_logit_by_g_squared(factory):
     ref = post_rope_qk(model, IDS)
     rescale_model(model, bands, g, ScaleConfig("shared"))
     got = post_rope_qk(model, IDS)
-    for (q0, k0), (q1, k1) in zip(ref[:1], got[:1]):  # layer 0: later layers see a changed input
-        for b, pairs in enumerate(bands.ranges()):
-            dims = head_dims_of(pairs, 16)
-            torch.testing.assert_close(band_logits(q1, k1, dims), g[b] ** 2 * band_logits(q0, k0, dims),
-                                       rtol=1e-5, atol=1e-6)
+    assert_band_logits_times_g2(ref, got, bands, g)
 
 
 def test_shared_mode_scales_qwen2_biases_with_their_rows():
@@ -290,11 +295,7 @@ def test_qk_norm_models_scale_the_norm_dims(factory, offset):
     assert r.has_qk_norm and r.targets[0].kind == "norm" and r.targets[0].offset == offset
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, w_q)  # a row scale would be normalised away
     got = post_rope_qk(model, IDS)
-    for (q0, k0), (q1, k1) in zip(ref[:1], got[:1]):  # layer 0: later layers see a changed input
-        for b, pairs in enumerate(bands.ranges()):
-            dims = head_dims_of(pairs, 16)
-            torch.testing.assert_close(band_logits(q1, k1, dims), g[b] ** 2 * band_logits(q0, k0, dims),
-                                       rtol=1e-4, atol=1e-5)
+    assert_band_logits_times_g2(ref, got, bands, g, rtol=1e-4, atol=1e-5)
     assert "norm" in invariance_note(RTN, ScaleConfig("symmetric", "before"), r.has_qk_norm)
 
 
@@ -312,11 +313,7 @@ def test_phi3_fused_qkv_rows_use_the_adapter_offsets():
     w = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()
     rescale_model(model, bands, g, ScaleConfig("shared"))
     got = post_rope_qk(model, IDS)
-    for (q0, k0), (q1, k1) in zip(ref[:1], got[:1]):  # layer 0: later layers see a changed input
-        for b, pairs in enumerate(bands.ranges()):
-            dims = head_dims_of(pairs, 16)
-            torch.testing.assert_close(band_logits(q1, k1, dims), g[b] ** 2 * band_logits(q0, k0, dims),
-                                       rtol=1e-5, atol=1e-6)
+    assert_band_logits_times_g2(ref, got, bands, g)
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight[96:], w[96:])  # v rows untouched
     assert math.isclose(float((model.model.layers[0].self_attn.qkv_proj.weight[0].detach() / w[0]).mean()), 1.4, rel_tol=1e-6)
 

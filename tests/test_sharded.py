@@ -37,13 +37,7 @@ def layer_map(n_layers: int, on_first, first: int, rest) -> dict:
 CPU_MAP = layer_map(2, "cpu", 1, "cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread each, far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, one thread each
 
 
 @pytest.fixture(scope="module")
