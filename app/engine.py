@@ -400,7 +400,7 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.2)
             wb = entry.wb
             quantized = wb.qstate is not None
-            scaled = "scaled" if quantized else "fp_scaled"
+            scaled = "quant_scaled" if quantized else "fp_scaled"
             reuse = base is not None and base.base_key == base_key
             # FP + scales is the control: a gain it shares is a temperature effect, not a quantization repair
             extra = ("fp_scaled",) if quantized and control else ()
@@ -415,9 +415,9 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             table = wb.perplexity(docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
             note = wb.invariance_note()
         if not quantized:
-            table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))
+            table = table.assign(variant=table["variant"].replace({"fp_scaled": "quant_scaled"}))
         if reuse:
-            keep = ~base.table["variant"].isin(["scaled", "fp_scaled"])
+            keep = ~base.table["variant"].isin(["quant_scaled", "fp_scaled"])
             table = pd.concat([base.table[keep], table], ignore_index=True)
         return TuneResult(table, summarize_variants(table), base_key, tuning, note, quantized, reuse,
                           int(entry.wb.info.trained_context), time.time() - t0)

@@ -1,6 +1,6 @@
 """Chart builders for the Q-ROAR pages (Tune, Search, Export): pure functions from DataFrames to Plotly figures.
 
-Variants: "fp" (full precision), "quant" (quantized, PTQ), "scaled" (quantized + per-band scales).
+Variants: "fp" (full precision), "quant" (quantized, PTQ), "quant_scaled" (quantized + per-band scales).
 Relative changes are in percent of perplexity: 100 * (ppl_a / ppl_b - 1), negative = better.
 """
 
@@ -17,7 +17,7 @@ from app.charts import VARIANT_STYLE, _length_axis, _style, _trained_line
 STYLE = {  # variant -> (label, colour)
     "fp": ("FP (full precision)", VARIANT_STYLE["fp"][1]),
     "quant": ("PTQ (quantized)", VARIANT_STYLE["quant"][1]),
-    "scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
+    "quant_scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
     "fp_scaled": ("FP + scales (control)", "#8e6cc8"),
 }
 PREVIOUS_COLOUR = "#9e9e9e"
@@ -33,13 +33,13 @@ def change_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per length: perplexity of each variant present, PTQ vs FP and scaled vs PTQ in %."""
     wide = summary.pivot(index="length", columns="variant", values="ppl").sort_index()
     out = pd.DataFrame({"length": wide.index.astype(int)})
-    for v in ("fp", "quant", "scaled"):
+    for v in ("fp", "quant", "quant_scaled"):
         if v in wide:
             out[f"ppl {v}"] = wide[v].to_numpy()
     if {"fp", "quant"} <= set(wide):
         out["PTQ vs FP %"] = (100 * (wide["quant"] / wide["fp"] - 1)).to_numpy()
-    if {"quant", "scaled"} <= set(wide):
-        out["scaled vs PTQ %"] = (100 * (wide["scaled"] / wide["quant"] - 1)).to_numpy()
+    if {"quant", "quant_scaled"} <= set(wide):
+        out["scaled vs PTQ %"] = (100 * (wide["quant_scaled"] / wide["quant"] - 1)).to_numpy()
     return out
 
 
@@ -51,19 +51,19 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
     """
     if summary.empty:
         raise ValueError("no perplexity rows to plot")
-    has_change = {"quant", "scaled"} <= set(summary["variant"])
+    has_change = {"quant", "quant_scaled"} <= set(summary["variant"])
     rows = 2 if has_change else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         row_heights=[0.62, 0.38] if has_change else [1.0],
                         subplot_titles=("Perplexity", "PTQ + scales vs PTQ (negative = better)")[:rows])
     lengths = sorted({int(n) for n in summary["length"]})
     prev = None
-    if previous is not None and (previous["variant"] == "scaled").any():
-        prev = previous[previous["variant"] == "scaled"].sort_values("length")
+    if previous is not None and (previous["variant"] == "quant_scaled").any():
+        prev = previous[previous["variant"] == "quant_scaled"].sort_values("length")
         fig.add_trace(go.Scatter(x=prev["length"], y=prev["ppl"], name="previous scales", mode="lines+markers",
                                  line=dict(color=PREVIOUS_COLOUR, width=1.5, dash="dash"), marker=dict(size=6),
                                  hovertemplate="previous scales: %{y:.4f}<extra></extra>"), row=1, col=1)
-    for v in ("fp", "fp_scaled", "quant", "scaled"):
+    for v in ("fp", "fp_scaled", "quant", "quant_scaled"):
         d = summary[summary["variant"] == v].sort_values("length")
         if d.empty:
             continue
@@ -78,7 +78,7 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
         fig.add_trace(go.Scatter(x=t["length"], y=t["scaled vs PTQ %"], name="change vs PTQ", showlegend=False,
                                  mode="lines+markers", line=dict(color="#9e9e9e", width=1.5),  # neutral: the markers say better/worse
                                  marker=dict(size=9, symbol="diamond",
-                                             color=[STYLE["scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t["scaled vs PTQ %"]]),
+                                             color=[STYLE["quant_scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t["scaled vs PTQ %"]]),
                                  hovertemplate="PTQ + scales vs PTQ: %{y:+.3f}%<extra></extra>"), row=2, col=1)
         if prev is not None and {"quant"} <= set(previous["variant"]):
             pt = change_table(previous)
@@ -108,7 +108,7 @@ def scales_figure(scales, windows: pd.DataFrame, folds: pd.DataFrame | None = No
     reasons = list(w["reason"]) if "reason" in w else [""] * len(w)
     fig = go.Figure()
     fig.add_trace(go.Bar(x=bands, y=[x - 1 for x in g], base=[1.0] * len(g), name="scale g_b",
-                         marker_color=[STYLE["scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
+                         marker_color=[STYLE["quant_scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
                          opacity=0.55, hoverinfo="skip"))
     fig.add_trace(go.Scatter(
         x=bands, y=g, mode="markers", name="g_b and window G_b", marker=dict(size=10, color="#222222", symbol="diamond"),
@@ -160,7 +160,7 @@ def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_shor
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.55, 0.45],
                         subplot_titles=("Objective vs unscaled PTQ (length-weighted log-perplexity; lower = better)",
                                         "Shortest length vs unscaled PTQ (the guard)"))
-    palette = (STYLE["scaled"][1], "#1f5fae")
+    palette = (STYLE["quant_scaled"][1], "#1f5fae")
     for s, d in h.groupby("sweep"):
         ok = d[d["guard_ok"].astype(bool)]
         fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers", name=f"sweep {int(s) + 1}",

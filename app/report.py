@@ -250,8 +250,8 @@ def search_section(res, s: ReportSettings) -> Section:
                                           short, res.settings.get("search", {}).get("guard_tol", 0.005), res.scales)
         figs.append(("search_trace", trace))
     held = res.heldout.pivot(index="length", columns="variant", values="ppl").reset_index()
-    if {"quant", "scaled"} <= set(held.columns):
-        held["scaled vs PTQ %"] = 100 * (held["scaled"] / held["quant"] - 1)
+    if {"quant", "quant_scaled"} <= set(held.columns):
+        held["scaled vs PTQ %"] = 100 * (held["quant_scaled"] / held["quant"] - 1)
     windows = res.windows.assign(scale=res.scales)
     text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.evaluations} evaluations, "
             f"{res.seconds:.1f} s).")

@@ -166,7 +166,7 @@ def case_search(wb: Workbench, args):
 
     def one(nested):
         cfg = EvalConfig(lengths=lengths, max_windows_per_doc=1, nested=nested)
-        return lambda: wb.evaluate("bench:dev", cfg, "scaled")
+        return lambda: wb.evaluate("bench:dev", cfg, "quant_scaled")
 
     tiled, _ = timed(one(False), dev)
     nested, _ = timed(one(True), dev)

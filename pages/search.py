@@ -141,7 +141,7 @@ gain = r.heldout_gain()
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
 dev = r.objective["dev"]
-m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['scaled'] - dev['quant']) - 1):+.3f}%")
+m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
 m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
           help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")

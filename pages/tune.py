@@ -148,7 +148,7 @@ with right:
             **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")},
         })
         shown = ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(res.tuning.scales))
-        tokens = int(res.summary.loc[res.summary["variant"] == "scaled", "tokens"].sum())
+        tokens = int(res.summary.loc[res.summary["variant"] == "quant_scaled", "tokens"].sum())
         st.caption(f"Scales of this run: {shown} · {res.tuning.scale.mode}, {res.tuning.scale.order} quantization · "
                    f"{tokens:,} tokens per curve · {res.seconds:.1f} s" + (" (FP and PTQ re-used)" if res.reused_base else ""))
         if res.note and res.note != note:  # the warning above already says it for the current settings

@@ -250,7 +250,7 @@ def test_use_tuning_moves_only_the_changed_band(tiny_dir):
     engine.use_tuning(wb, t)
     before = {n: p.detach().clone() for n, p in wb.model.named_parameters()}  # the quantized weights
     engine.use_tuning(wb, engine.Tuning(BandConfig(4), ScaleConfig(), (1.0, 1.2, 1.0, 1.0)))
-    with wb.variant("scaled") as m:
+    with wb.variant("quant_scaled") as m:
         q = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
     rows = set(proj_rows(range(wb.bands.edges[1], wb.bands.edges[2]), 16, 16, 4).tolist())
     changed = {int(i) for i in (q != before["model.layers.0.self_attn.q_proj.weight"]).any(dim=1).nonzero()}
@@ -276,10 +276,10 @@ def test_tune_job_control_adds_fp_plus_scales_and_keeps_it_apart_from_ptq_plus_s
                          str(tmp_path / "doc.txt"), EvalConfig(lengths=(64, 128), max_windows_per_doc=1), tuning, control=True)
     res = fn(lambda f, m: None, threading.Event())
     ppl = res.summary.set_index(["variant", "length"])["ppl"]
-    assert set(res.summary["variant"]) == {"fp", "quant", "scaled", "fp_scaled"}
+    assert set(res.summary["variant"]) == {"fp", "quant", "quant_scaled", "fp_scaled"}
     for n in (64, 128):  # shared scales move both curves away from their unscaled ones, independently
-        assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("scaled", n)] != ppl[("quant", n)]
-        assert ppl[("fp_scaled", n)] != ppl[("scaled", n)]
+        assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("quant_scaled", n)] != ppl[("quant", n)]
+        assert ppl[("fp_scaled", n)] != ppl[("quant_scaled", n)]
 
 
 def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path):

@@ -55,7 +55,7 @@ def test_search_apply_export(tiny_dir, corpus, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "held-out perplexity" in text and f"wrote {scales}" in text
     d = json.loads(scales.read_text())
-    assert len(d["scales"]) == 4 and d["heldout"] and d["objective"]["heldout"]["scaled"] is not None
+    assert len(d["scales"]) == 4 and d["heldout"] and d["objective"]["heldout"]["quant_scaled"] is not None
     assert json.loads((tmp_path / "rep.json").read_text())["command"] == "search"
 
     assert main(["apply", str(scales), "--corpus", corpus["held"], "--max-windows", "1", "--quiet"]) == 0
@@ -101,7 +101,7 @@ def test_killed_search_resumes_to_the_same_result(tiny_dir, corpus, tmp_path, ca
     a, b = json.loads(killed_out.read_text()), json.loads(plain.read_text())
     assert a["scales"] == b["scales"]
     for split in ("dev", "heldout"):
-        for v in ("fp", "quant", "scaled"):
+        for v in ("fp", "quant", "quant_scaled"):
             assert a["objective"][split][v] == pytest.approx(b["objective"][split][v], abs=1e-9)
 
 

@@ -49,11 +49,11 @@ def test_scales_file_round_trip(wb, saved):
 
 def test_apply_scales_on_a_fresh_workbench_gives_the_same_model(wb, saved, tmp_path):
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with wb.variant("scaled"), torch.no_grad():
+    with wb.variant("quant_scaled"), torch.no_grad():
         ref = wb.model(ids).logits
     fresh = Workbench.open(wb.info.source, device="cpu", dtype="fp32")
     apply_scales(fresh, load_scales(saved, fresh))
-    with fresh.variant("scaled"), torch.no_grad():
+    with fresh.variant("quant_scaled"), torch.no_grad():
         assert torch.equal(fresh.model(ids).logits, ref)
 
 
@@ -111,7 +111,7 @@ def test_save_is_atomic(wb, saved, monkeypatch):
     assert saved.read_text() == before and sorted(p.name for p in saved.parent.iterdir() if p.suffix == ".tmp") == []
 
 
-@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "scaled")])
+@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "quant_scaled")])
 def test_exported_checkpoint_reloads_with_the_same_perplexity(wb, tmp_path, quantized, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

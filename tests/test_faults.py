@@ -94,27 +94,27 @@ def hooks_on(model) -> int:
 
 
 def test_oom_in_evaluation_frees_memory_says_what_fits_and_the_next_run_works(wb):
-    ref = wb.evaluate(DOCS, EVAL, "scaled").table
+    ref = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     before, variant, hooks = model_hash(wb), wb._variant, hooks_on(wb.model)
     fault = OOMHook(wb.model.model.layers[1].self_attn.k_proj, lambda out: out.shape[1] == 64)
     with pytest.raises(OutOfMemory, match=r"Out of memory at length 64 with batch 1; memory was freed: "
                                           r"try a length of at most about (\d+) tokens") as caught:
-        wb.evaluate(DOCS, EVAL, "scaled")
+        wb.evaluate(DOCS, EVAL, "quant_scaled")
     assert fault.freed() and caught.value.__context__ is None  # the error holds no tensor of the failed step
     fault.remove()
     assert model_hash(wb) == before and wb._variant == variant and hooks_on(wb.model) == hooks
     fit = int(re.search(r"at most about (\d+) tokens", str(caught.value)).group(1))
     assert 2 <= fit < 64
-    assert not wb.evaluate(DOCS, EvalConfig(lengths=(fit,), max_windows_per_doc=1), "scaled").table.empty
-    again = wb.evaluate(DOCS, EVAL, "scaled").table
+    assert not wb.evaluate(DOCS, EvalConfig(lengths=(fit,), max_windows_per_doc=1), "quant_scaled").table.empty
+    again = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     assert again.nll.tolist() == ref.nll.tolist()
 
 
 def test_oom_with_automatic_batch_halves_the_batch_and_gives_the_same_numbers(wb, monkeypatch):
-    ref = wb.evaluate(DOCS, EVAL, "scaled").table
+    ref = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     monkeypatch.setattr(perplexity, "auto_batch_size", lambda model, length, n, chunk=1024: min(4, n))
     fault = OOMHook(wb.model.model.layers[0].self_attn.q_proj, lambda out: out.shape[0] > 2, times=1)
-    got = wb.evaluate(DOCS, EvalConfig(lengths=(32, 64), max_windows_per_doc=2), "scaled").table
+    got = wb.evaluate(DOCS, EvalConfig(lengths=(32, 64), max_windows_per_doc=2), "quant_scaled").table
     fault.remove()
     assert (4, 32, 64) in fault.seen and (2, 32, 64) in fault.seen  # tried 4 windows at once, then 2
     torch.testing.assert_close(torch.tensor(got.nll.tolist()), torch.tensor(ref.nll.tolist()), rtol=1e-5, atol=1e-4)
@@ -154,7 +154,7 @@ def test_oom_during_quantization_restores_full_precision(model_dir, monkeypatch)
     assert model_hash(wb) == before and wb.qstate is None and wb.available_variants() == ("fp", "fp_scaled")
     monkeypatch.undo()
     wb.set_quant(RTN)  # the next run works
-    assert wb.available_variants() == ("fp", "quant", "fp_scaled", "scaled")
+    assert wb.available_variants() == ("fp", "quant", "fp_scaled", "quant_scaled")
 
 
 def test_oom_inside_an_app_job_is_a_message_and_the_next_job_works(model_dir):

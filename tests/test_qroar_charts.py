@@ -13,7 +13,7 @@ from app import qroar_charts as qc  # noqa: E402
 
 
 def summary(scaled=(10.0, 19.0), quant=(10.5, 20.0), fp=(10.0, 18.0), lengths=(256, 1024)):
-    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("scaled", scaled))
+    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("quant_scaled", scaled))
             for n, p in zip(lengths, ps)]
     return pd.DataFrame(rows)
 

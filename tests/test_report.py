@@ -94,7 +94,7 @@ def test_report_has_every_section_figure_and_setting(session, html):
         assert value.replace("&", "&amp;") in html
     # the search's held-out table and chosen scales are there, numbers as the result has them
     held = results["search"].heldout
-    ppl = float(held[(held.variant == "scaled") & (held.length == 32)].ppl.iloc[0])
+    ppl = float(held[(held.variant == "quant_scaled") & (held.length == 32)].ppl.iloc[0])
     assert f"{ppl:.4g}" in html
 
 
