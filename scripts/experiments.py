@@ -24,6 +24,7 @@ from qroar.bands import BandConfig  # noqa: E402
 from qroar.perplexity import EvalConfig, summarize  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
+from qroar.rescale import ScaleConfig  # noqa: E402
 from qroar.search import SearchConfig, search  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
 
@@ -114,8 +115,9 @@ def qroar(wb, a, save=None) -> tuple[dict, str]:
     for bits in _setups(wb, a):
         for mode, order in (c.split("/") for c in a.configs):
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
-                               max_windows_per_doc=a.max_windows, mode=mode, order=order,
-                               heldout_corpus=a.corpus, race=a.race, nested=a.nested)
+                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus,
+                               strategy="race" if a.race else "grid", nested=a.nested, allow_invariant=True)
+            wb.set_scales([1.0] * wb.bands.n_bands, ScaleConfig(mode, order))
             t = time.perf_counter()
             r = search(wb, cfg)
             secs = time.perf_counter() - t

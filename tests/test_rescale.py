@@ -244,12 +244,12 @@ def test_variants_leave_unscaled_weights_bit_for_bit(wb):
     q = {n: p.clone() for n, p in wb.model.named_parameters()}
     wb.set_scales([0.6, 1.5, 1.1, 0.9], ScaleConfig("shared", "before"))
     for v in ("quant_scaled", "fp_scaled", "fp", "quant_scaled", "quant", "fp_scaled"):
-        wb._use(v)
+        wb._put_variant(v)
     with wb.variant("fp"):
         assert all(torch.equal(p, fp[n]) for n, p in wb.model.named_parameters())
     with wb.variant("quant"):
         assert all(torch.equal(p, q[n]) for n, p in wb.model.named_parameters())
-    wb._use("fp_scaled")
+    wb._put_variant("fp_scaled")
     wb.set_quant(None)  # restore must bring back clean full-precision weights
     with wb.variant("fp"):
         assert all(torch.equal(p, fp[n]) for n, p in wb.model.named_parameters())

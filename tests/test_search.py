@@ -15,6 +15,7 @@ from qroar.errors import Cancelled, ConfigError
 from qroar.perplexity import EvalConfig, weighted_objective
 from qroar.quant import QuantConfig
 from qroar.rope import PIConfig
+from qroar.rescale import ScaleConfig
 from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, windows_for
 from qroar.workbench import Workbench
 
@@ -105,7 +106,7 @@ def test_bad_windows_and_settings_raise():
 
 def _objective(wb, corpus, scales, cfg):
     """Independent check: weighted objective of `scales` computed straight from the workbench."""
-    wb.set_scales(scales, cfg.scale_cfg)
+    wb.set_scales(scales)
     res = wb.evaluate(corpus, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc), "quant_scaled")
     return weighted_objective(res.summary, cfg.weights())
 
@@ -148,8 +149,12 @@ def test_guard_rejects_candidates_that_hurt_short_context(setup):
 
 def test_symmetric_before_rtn_search_says_gain_is_noise(setup):
     wb, corpus, _ = setup
-    r = search(wb, cfg_for(corpus, mode="symmetric"), WINDOWS)
+    wb.set_scales([1.0] * 4, ScaleConfig("symmetric"))
+    with pytest.raises(ConfigError, match="rounding"):  # refused up front: it could only measure noise
+        search(wb, cfg_for(corpus), WINDOWS)
+    r = search(wb, cfg_for(corpus, allow_invariant=True), WINDOWS)
     assert r.gain_is_noise and "rounding" in r.note
+    assert r.scales == [1.0] * 4  # whatever noise chose is not a result
     assert abs(r.objective["heldout"]["quant_scaled"] - r.objective["heldout"]["quant"]) < 1e-5
 
 
@@ -204,7 +209,7 @@ def test_racing_with_one_document_is_the_exhaustive_descent(setup, tmp_path):
     one = make_corpus(tmp_path / "one", n_dev=1, n_held=1, words=300)
     ref = search(wb, cfg_for(one), WINDOWS)
     wb.set_scales(None)
-    r = search(wb, cfg_for(one, race=True), WINDOWS)
+    r = search(wb, cfg_for(one, strategy="race"), WINDOWS)
     assert r.scales == ref.scales
     assert r.objective["dev"] == pytest.approx(ref.objective["dev"], abs=1e-9)
     assert r.objective["heldout"] == pytest.approx(ref.objective["heldout"], abs=1e-9)
@@ -218,7 +223,7 @@ def test_racing_spends_less_and_its_choice_checks_out(setup):
     is the one reported; documents evaluated (from the checkpoint) stay under the exhaustive count."""
     wb, corpus, tmp = setup
     ck = tmp / "race.json"
-    cfg = cfg_for(corpus, race=True, checkpoint=str(ck))
+    cfg = cfg_for(corpus, strategy="race", checkpoint=str(ck))
     seen = []
     r = search(wb, cfg, WINDOWS, progress=lambda f, m: seen.append(f))
     assert r.objective["dev"]["quant_scaled"] <= r.objective["dev"]["quant"]
@@ -237,9 +242,9 @@ def test_racing_spends_less_and_its_choice_checks_out(setup):
 
 def test_racing_resumes_from_its_checkpoint(setup):
     wb, corpus, tmp = setup
-    ref = search(wb, cfg_for(corpus, race=True), WINDOWS)
+    ref = search(wb, cfg_for(corpus, strategy="race"), WINDOWS)
     wb.set_scales(None)
-    cfg = cfg_for(corpus, race=True, checkpoint=str(tmp / "ck.json"))
+    cfg = cfg_for(corpus, strategy="race", checkpoint=str(tmp / "ck.json"))
     cancel = threading.Event()
     with pytest.raises(Cancelled, match="resume"):
         search(wb, cfg, WINDOWS, progress=lambda f, m: cancel.set() if f > 0.3 else None, cancel=cancel)
@@ -260,6 +265,6 @@ def test_nested_search_equals_tiled_search_with_one_window(setup):
 
 def test_racing_settings_are_checked():
     with pytest.raises(ConfigError, match="race_eta"):
-        SearchConfig(race=True, race_eta=1)
+        SearchConfig(strategy="race", race_eta=1)
     with pytest.raises(ConfigError, match="true or false"):
         SearchConfig(nested="yes")
