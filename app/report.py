@@ -154,7 +154,7 @@ def diagnose_command(s: ReportSettings, diag: dict, out: str = "diagnostics") ->
         args += ["--ip-lengths", ",".join(map(str, cfg["ip_lengths"]))]
     missing = [f"{k}={cfg[k]}" for k, default in (("noise_pairs", 256), ("skip_first", 0), ("seed", 0))
                if k in cfg and cfg[k] != default]
-    return _line(args + ["--out", out]) + f"\nqroar-figures {shlex.quote(out)} --format html", missing
+    return _line(args + ["--out", out]), missing
 
 
 def search_command(s: ReportSettings, res, out: str = "scales.json") -> str:
@@ -209,7 +209,7 @@ def diagnostics_section(res, s: ReportSettings) -> Section:
     return Section("Diagnostics", text, tuple(diag_charts.figures(t, st.get("trained_context")).items()),
                    (("Interpolation Pressure, band mean", ip), ("Tail Inflation Ratio, median over layers (W: projections, A: per axis)", tir),
                     ("Relative logit noise (RMS error / RMS logit), pooled over sampled layers, by distance bucket", noise)),
-                   (cmd,))
+                   (cmd, "qroar-figures diagnostics --format html"))
 
 
 def tune_section(res, s: ReportSettings) -> Section:

@@ -36,7 +36,7 @@ def test_tune_moving_one_slider_redraws_the_scaled_curve_and_symmetric_rtn_warns
     assert not at.warning  # shared mode under RTN can change the model
     first = at.dataframe[0].value
     assert first["length"].tolist() == [64, 128]
-    assert first["ppl scaled"].tolist() == first["ppl quant"].tolist()  # all scales 1: the quantizer's own rows
+    assert first["ppl quant_scaled"].tolist() == first["ppl quant"].tolist()  # all scales 1: the quantizer's own rows
 
     g0 = at.slider(key="w:qroar.g0")
     assert g0.min < 1 < g0.max  # the window holds 1
@@ -45,12 +45,12 @@ def test_tune_moving_one_slider_redraws_the_scaled_curve_and_symmetric_rtn_warns
     finish(at)
     ok(at)
     moved = at.dataframe[0].value
-    assert (moved["ppl scaled"] != moved["ppl quant"]).all()
+    assert (moved["ppl quant_scaled"] != moved["ppl quant"]).all()
     assert moved["ppl quant"].tolist() == first["ppl quant"].tolist()  # PTQ and FP do not depend on the scales
     assert record(at).jobs["tune"].result.reused_base  # ... so the move evaluated only the scaled variant
     assert len(at.get("plotly_chart")) == 2  # curves, scales with windows
 
-    at.radio(key="w:qroar.mode").set_value("symmetric").run()
+    at.radio(key="w:scale.mode").set_value("symmetric").run()
     ok(at)
     texts = [w.value for w in at.warning]
     assert any("cannot change the quantized model beyond rounding" in t and "rtn w4" in t for t in texts)
@@ -81,8 +81,8 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
     assert not at.error, [e.value for e in at.error]
     table = at.dataframe[0].value
     assert table["length"].tolist() == [64, 128]
-    assert {"ppl fp", "ppl quant", "ppl scaled", "scaled vs PTQ %"} <= set(table.columns)
-    assert (table[["ppl fp", "ppl quant", "ppl scaled"]] > 1).all().all()
+    assert {"ppl fp", "ppl quant", "ppl quant_scaled", "scaled vs PTQ %"} <= set(table.columns)
+    assert (table[["ppl fp", "ppl quant", "ppl quant_scaled"]] > 1).all().all()
 
     r = record(at).jobs["search"].result
     assert len(r.history) == 4 * 4  # 4 bands x (5 candidates - the 1 already in place), one sweep
@@ -91,7 +91,7 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
         assert w.g_min - 1e-12 <= row.g <= w.g_max + 1e-12
     for b, g in enumerate(r.scales):  # a chosen scale is 1 or a tried candidate that passed the guard
         assert g == 1.0 or ((r.history.band == b) & (r.history.g == g) & r.history.guard_ok).any()
-    expected = 100 * (table["ppl scaled"] / table["ppl quant"] - 1)
+    expected = 100 * (table["ppl quant_scaled"] / table["ppl quant"] - 1)
     assert table["scaled vs PTQ %"].tolist() == pytest.approx(expected.tolist())
     assert len(at.get("plotly_chart")) == 2  # chosen scales, trace
 
@@ -184,8 +184,8 @@ def test_importing_a_scales_file_sets_the_session_and_a_malformed_one_shows_an_e
 
     at.file_uploader[0].set_value(("mine.json", json.dumps(good).encode(), "application/json")).run()
     ok(at)
-    s = record(at).settings
-    assert s["scales"] == [1.05, 1.0, 1.0, 0.9] and s["bands.n_bands"] == 4 and s["pi.factor"] == 8.0
+    r = record(at).recipe
+    assert r.scales == (1.05, 1.0, 1.0, 0.9) and r.bands.n_bands == 4 and r.pi.factor == 8.0
     assert any("Imported **mine.json**" in m.value for m in at.success)
     finish(at)
     ok(at)
