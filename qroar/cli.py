@@ -90,7 +90,8 @@ def _add_corpus_args(p: argparse.ArgumentParser, default="embedded:heldout") -> 
     g.add_argument("--corpus", default=default, help="embedded | embedded:dev | embedded:heldout | PATH | hf:name[:config[:split[:field]]]")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x,8x the trained context)")
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
-    g.add_argument("--max-windows", type=int, default=None, help="at most this many windows per document and length")
+    g.add_argument("--max-windows", type=int, default=4,
+                   help="at most this many windows per document and length (default 4, seconds on a laptop; 0 = every window)")
     g.add_argument("--batch-size", type=int, default=None)
 
 
@@ -178,7 +179,7 @@ def cmd_eval(a) -> int:
     recipe = recipe_from_args(a)
     wb = open_workbench(a)
     tc = wb.info.trained_context
-    cfg = EvalConfig(lengths=lengths_from_args(a, tc), stride=a.stride, max_windows_per_doc=a.max_windows, batch_size=a.batch_size)
+    cfg = EvalConfig(lengths=lengths_from_args(a, tc), stride=a.stride, max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size)
     say(f"model {wb.info.name} ({wb.info.model_type}, {wb.info.n_params / 1e6:.1f}M params, trained context {tc}) "
         f"on {wb.info.device}/{wb.info.dtype}; PI {recipe.pi.label()}{_placement_line(wb.info)}")
     tq = apply_recipe(wb, recipe, a.quiet)
@@ -339,7 +340,7 @@ def cmd_apply(a) -> int:
     tc = wb.info.trained_context
     search_lengths = (sf.raw.get("search") or {}).get("lengths")
     lengths = lengths_from_args(a, tc) if a.lengths or not search_lengths else tuple(search_lengths)
-    cfg = EvalConfig(lengths=lengths, stride=a.stride, max_windows_per_doc=a.max_windows, batch_size=a.batch_size)
+    cfg = EvalConfig(lengths=lengths, stride=a.stride, max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size)
     apply_scales(wb, sf, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     print(f"applied {a.scales}: {sf.scale_cfg.mode} mode, {sf.scale_cfg.order} quantization, "
           f"scales {', '.join(f'{g:.4g}' for g in sf.scales)}; PI {wb.pi.label()}")
