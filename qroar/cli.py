@@ -185,7 +185,7 @@ def cmd_eval(a) -> int:
     tq = apply_recipe(wb, recipe, a.quiet)
     q = recipe.quant
     if recipe.quantized:
-        say(f"quantized ({q.describe()}, scope {q.scope}) in {tq:.2f}s")
+        say(f"quantized ({q.method} W{q.bits} g{q.group_size} {'sym' if q.symmetric else 'asym'}, scope {q.scope}) in {tq:.2f}s")
     if wb.invariance_note() and recipe.scales is not None:
         say(f"note: {wb.invariance_note()}")
     t0 = time.time()

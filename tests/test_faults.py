@@ -34,6 +34,7 @@ from qroar.errors import OutOfMemory  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
 from qroar.rescale import ScaleConfig  # noqa: E402
+from qroar.recipe import Recipe  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
 
@@ -148,7 +149,7 @@ def test_oom_during_quantization_restores_full_precision(model_dir, monkeypatch)
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return quant.fake_quant(w, cfg)
 
-    monkeypatch.setitem(quant.QUANTIZERS, "rtn", failing)
+    monkeypatch.setitem(quant.QUANTIZERS, "rtn", quant.Quantizer(failing))
     with pytest.raises(OutOfMemory, match=r"ran out of GPU memory; the model was restored"):
         wb.set_quant(RTN)
     assert model_hash(wb) == before and wb.qstate is None and wb.available_variants() == ("fp", "fp_scaled")
@@ -163,11 +164,11 @@ def test_oom_inside_an_app_job_is_a_message_and_the_next_job_works(model_dir):
     key, pi = ModelKey(model_dir, "cpu", "fp32"), PIConfig("linear", 2.0)
     fault = OOMHook(wb.model.model.layers[0].self_attn.q_proj, lambda out: out.shape[1] == 64)
     rec = backend.registry.session("tab")
-    job = backend.submit(rec, "perplexity", perplexity_job(backend, key, pi, RTN, DOCS, EVAL))
+    job = backend.submit(rec, "perplexity", perplexity_job(backend, key, Recipe(pi=pi, quant=RTN), DOCS, EVAL))
     backend.queue.wait(job.id, 60)
     assert job.status == FAILED and "Out of memory at length 64" in job.error and "try a length" in job.error
     fault.remove()
-    ok = backend.submit(rec, "perplexity", perplexity_job(backend, key, pi, RTN, DOCS, EVAL))
+    ok = backend.submit(rec, "perplexity", perplexity_job(backend, key, Recipe(pi=pi, quant=RTN), DOCS, EVAL))
     backend.queue.wait(ok.id, 60)
     assert ok.status == DONE and set(ok.result.summary.length) == {32, 64}
     assert backend.result(rec, "perplexity") is ok
