@@ -247,7 +247,7 @@ def perplexity_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cf
             wb.apply(r, progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
             progress(0.3, "tokenizing the corpus")
             table = wb.perplexity(corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0), cancel=cancel)
-        settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict() if r.quantized else None,
+        settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict(),
                     "corpus": corpus, "eval": eval_cfg.to_dict(), "recipe": r.to_dict()}
         return PerplexityResult(table, summarize_variants(table), settings, int(wb.info.trained_context), time.time() - t0)
     return run
