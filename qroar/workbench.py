@@ -146,9 +146,6 @@ class Workbench:
                     self._rescaler.refresh(moved, self.recipe.scales, self.recipe.scale)
                     self._version += 1
                     self._put_variant(self._variant)
-            if self.bands != bands:
-                self.bands = bands
-                self._rebuild_rescaler()
             return self.recipe
 
     def _set_pi(self, pi: rope.PIConfig) -> dict:

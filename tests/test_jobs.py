@@ -180,23 +180,6 @@ def test_model_cache_loads_once_per_key_and_evicts_the_oldest():
     assert ModelKey.from_dict(a.to_dict()) == a
 
 
-class FakeWorkbench:
-    """Records set_pi/set_quant calls the way the Workbench applies them."""
-
-    def __init__(self):
-        from qroar.rope import PIConfig
-
-        self.pi, self.qstate, self.calls = PIConfig(), None, []
-
-    def set_pi(self, pi):
-        self.pi = pi
-        self.calls.append("pi")
-
-    def set_quant(self, cfg, calib_corpus=None, progress=None, cancel=None):
-        self.qstate = None if cfg is None else object()
-        self.calls.append("quant" if cfg is not None else "restore")
-
-
 def test_quantized_state_depends_on_the_pi_only_for_calibrated_methods():
     from qroar.quant import QuantConfig
     from qroar.recipe import Recipe
