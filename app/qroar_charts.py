@@ -83,6 +83,8 @@ def change_table(summary: pd.DataFrame, table: pd.DataFrame | None = None) -> pd
     return out
 
 
+CHANGE_ORDER = ("length", "scaled vs PTQ %", "scaled vs PTQ 95%", "FP + scales vs FP %", "FP + scales vs FP 95%",
+                "ppl fp", "ppl quant", "ppl scaled", "ppl fp_scaled", "PTQ vs FP %", "PTQ vs FP 95%", "windows")
 CHANGE_LABELS = {  # change_table column -> what a reader sees
     "length": "length", "ppl fp": "FP", "ppl quant": "PTQ", "ppl scaled": "PTQ + scales",
     "ppl fp_scaled": "FP + scales (control)", "PTQ vs FP %": "PTQ vs FP", "PTQ vs FP 95%": "PTQ vs FP, 95%",
@@ -212,7 +214,8 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
                     hover += " (95%: %{customdata[0]:+.3f}% to %{customdata[1]:+.3f}%, paired on %{customdata[2]} windows)"
             control = dash is not None
             fig.add_trace(go.Scatter(
-                x=t["length"], y=t[name], name="change vs FP (control)" if control else "change vs PTQ", showlegend=control,
+                x=t["length"] * (1.03 if control else 1.0), y=t[name],  # the control a step right: bars stay apart
+                name="change vs FP (control)" if control else "change vs PTQ", showlegend=control,
                 mode="lines+markers", line=dict(color=colour, width=1.5, dash=dash),  # neutral: the markers say better/worse
                 marker=dict(size=8 if control else 9, symbol="circle-open" if control else "diamond",
                             color=colour if control else [STYLE["scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t[name]]),

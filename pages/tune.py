@@ -143,7 +143,7 @@ with right:
         st.plotly_chart(qc.tune_figure(res.summary, res.trained_context, previous=previous, table=res.table),
                         width="stretch")
         table = qc.change_table(res.summary, res.table)
-        st.dataframe(table, hide_index=True, width="stretch", column_config={
+        st.dataframe(table, hide_index=True, width="stretch", column_order=[c for c in qc.CHANGE_ORDER if c in table], column_config={
             "length": st.column_config.NumberColumn("length", format="%d"),
             **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%.4f") for c in table if c.startswith("ppl")},
             **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%+.3f%%") for c in table if c.endswith(" %")},
