@@ -1,6 +1,6 @@
 """Chart builders for the Q-ROAR pages (Tune, Search, Export): pure functions from DataFrames to Plotly figures.
 
-Variants: "fp" (full precision), "quant" (quantized, PTQ), "scaled" (quantized + per-band scales),
+Variants: "fp" (full precision), "quant" (quantized, PTQ), "quant_scaled" (quantized + per-band scales),
 "fp_scaled" (full precision + the same scales: the control).
 Relative changes are in percent of perplexity: 100 * (ppl_a / ppl_b - 1), negative = better.
 Given the tidy per-document table (with each window's sums, qroar.perplexity), the charts and the
@@ -22,7 +22,7 @@ from qroar.perplexity import log_ppl_interval, paired_change, weighted_objective
 STYLE = {  # variant -> (label, colour)
     "fp": ("FP (full precision)", VARIANT_STYLE["fp"][1]),
     "quant": ("PTQ (quantized)", VARIANT_STYLE["quant"][1]),
-    "scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
+    "quant_scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
     "fp_scaled": ("FP + scales (control)", "#8e6cc8"),
 }
 PREVIOUS_COLOUR = "#9e9e9e"
@@ -36,7 +36,7 @@ def label(v: str) -> str:
 
 CHANGES = {  # change column -> (base variant, changed variant)
     "PTQ vs FP %": ("fp", "quant"),
-    "scaled vs PTQ %": ("quant", "scaled"),
+    "scaled vs PTQ %": ("quant", "quant_scaled"),
     "FP + scales vs FP %": ("fp", "fp_scaled"),  # the control: the same scales without quantization
 }
 
@@ -67,7 +67,7 @@ def change_table(summary: pd.DataFrame, table: pd.DataFrame | None = None) -> pd
     same windows ("<change> 95%", text) and the windows behind each length."""
     wide = summary.pivot(index="length", columns="variant", values="ppl").sort_index()
     out = pd.DataFrame({"length": wide.index.astype(int)})
-    for v in ("fp", "quant", "scaled", "fp_scaled"):
+    for v in ("fp", "quant", "quant_scaled", "fp_scaled"):
         if v in wide:
             out[f"ppl {v}"] = wide[v].to_numpy()
     paired = paired_changes(table) if table is not None else {}
@@ -84,9 +84,9 @@ def change_table(summary: pd.DataFrame, table: pd.DataFrame | None = None) -> pd
 
 
 CHANGE_ORDER = ("length", "scaled vs PTQ %", "scaled vs PTQ 95%", "FP + scales vs FP %", "FP + scales vs FP 95%",
-                "ppl fp", "ppl quant", "ppl scaled", "ppl fp_scaled", "PTQ vs FP %", "PTQ vs FP 95%", "windows")
+                "ppl fp", "ppl quant", "ppl quant_scaled", "ppl fp_scaled", "PTQ vs FP %", "PTQ vs FP 95%", "windows")
 CHANGE_LABELS = {  # change_table column -> what a reader sees
-    "length": "length", "ppl fp": "FP", "ppl quant": "PTQ", "ppl scaled": "PTQ + scales",
+    "length": "length", "ppl fp": "FP", "ppl quant": "PTQ", "ppl quant_scaled": "PTQ + scales",
     "ppl fp_scaled": "FP + scales (control)", "PTQ vs FP %": "PTQ vs FP", "PTQ vs FP 95%": "PTQ vs FP, 95%",
     "scaled vs PTQ %": "PTQ + scales vs PTQ", "scaled vs PTQ 95%": "PTQ + scales vs PTQ, 95%",
     "FP + scales vs FP %": "control: FP + scales vs FP", "FP + scales vs FP 95%": "control, 95%",
@@ -143,7 +143,7 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
     """
     if summary.empty:
         raise ValueError("no perplexity rows to plot")
-    has_change = {"quant", "scaled"} <= set(summary["variant"])
+    has_change = {"quant", "quant_scaled"} <= set(summary["variant"])
     rows = 2 if has_change else 1
     change_title = ("PTQ + scales vs PTQ and the control FP + scales vs FP (negative = better)"
                     if {"fp", "fp_scaled"} <= set(summary["variant"]) else "PTQ + scales vs PTQ (negative = better)")
@@ -152,14 +152,14 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
                         subplot_titles=("Perplexity", change_title)[:rows])
     lengths = sorted({int(n) for n in summary["length"]})
     prev = None
-    if previous is not None and (previous["variant"] == "scaled").any():
-        prev = previous[previous["variant"] == "scaled"].sort_values("length")
+    if previous is not None and (previous["variant"] == "quant_scaled").any():
+        prev = previous[previous["variant"] == "quant_scaled"].sort_values("length")
         fig.add_trace(go.Scatter(x=prev["length"], y=prev["ppl"], name="previous scales", mode="lines+markers",
                                  line=dict(color=PREVIOUS_COLOUR, width=1.5, dash="dash"), marker=dict(size=6),
                                  hovertemplate="previous scales: %{y:.4f}<extra></extra>"), row=1, col=1)
     intervals = {}  # variant -> its 95% interval across windows, per length of the summary
     if table is not None and len(table):
-        for v in ("fp", "fp_scaled", "quant", "scaled"):
+        for v in ("fp", "fp_scaled", "quant", "quant_scaled"):
             d = summary[summary["variant"] == v].sort_values("length")
             if len(d) and (table["variant"] == v).any():
                 iv = log_ppl_interval(_variant(table, v)).set_index("length").reindex(d["length"])
@@ -174,7 +174,7 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
         fig.add_trace(go.Scatter(x=list(iv.index), y=iv["ppl_hi"], mode="lines", line=dict(width=0), fill="tonexty",
                                  fillcolor=fill, name=f"{name.split(' (')[0]}: 95% across windows", hoverinfo="skip",
                                  legendgroup="band"), row=1, col=1)
-    for v in ("fp", "fp_scaled", "quant", "scaled"):
+    for v in ("fp", "fp_scaled", "quant", "quant_scaled"):
         d = summary[summary["variant"] == v].sort_values("length")
         if d.empty:
             continue
@@ -218,7 +218,7 @@ def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previ
                 name="change vs FP (control)" if control else "change vs PTQ", showlegend=control,
                 mode="lines+markers", line=dict(color=colour, width=1.5, dash=dash),  # neutral: the markers say better/worse
                 marker=dict(size=8 if control else 9, symbol="circle-open" if control else "diamond",
-                            color=colour if control else [STYLE["scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t[name]]),
+                            color=colour if control else [STYLE["quant_scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t[name]]),
                 error_y=bars, customdata=custom, hovertemplate=hover + "<extra></extra>"), row=2, col=1)
         if prev is not None and {"quant"} <= set(previous["variant"]):
             pt = change_table(previous)
@@ -248,7 +248,7 @@ def scales_figure(scales, windows: pd.DataFrame, folds: pd.DataFrame | None = No
     reasons = list(w["reason"]) if "reason" in w else [""] * len(w)
     fig = go.Figure()
     fig.add_trace(go.Bar(x=bands, y=[x - 1 for x in g], base=[1.0] * len(g), name="scale g_b",
-                         marker_color=[STYLE["scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
+                         marker_color=[STYLE["quant_scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
                          opacity=0.55, hoverinfo="skip"))
     fig.add_trace(go.Scatter(
         x=bands, y=g, mode="markers", name="g_b and window G_b", marker=dict(size=10, color="#222222", symbol="diamond"),
@@ -300,7 +300,7 @@ def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_shor
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.55, 0.45],
                         subplot_titles=("Objective vs unscaled PTQ (length-weighted log-perplexity; lower = better)",
                                         "Shortest length vs unscaled PTQ (the guard)"))
-    palette = (STYLE["scaled"][1], "#1f5fae")
+    palette = (STYLE["quant_scaled"][1], "#1f5fae")
     for s, d in h.groupby("sweep"):
         ok = d[d["guard_ok"].astype(bool)]
         fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers", name=f"sweep {int(s) + 1}",

@@ -275,11 +275,11 @@ def settings_summary() -> str:
 
     parts = [f"**{state.loaded_key().name}**" if state.loaded_key() else "no model"]
     try:
-        parts.append(f"PI {state.pi_config().label()}")
+        parts.append(f"PI {state.recipe().pi.label()}")
     except QroarError:  # an invalid setting is reported where it is edited
         parts.append("PI ?")
     try:
-        parts.append(state.quant_config().describe())
+        parts.append(state.recipe().quant.describe())
     except QroarError:
         parts.append("quantizer ?")
     src = state.get("corpus.source")

@@ -4,10 +4,10 @@ import streamlit as st
 
 from app import diag_charts as dc, state, widgets as w
 from app.charts import length_label
-from app.engine import apply_settings, sub_progress
+from app.engine import diagnostics_job
 from app.jobs import DONE
 from qroar.bands import BandConfig
-from qroar.diagnostics import DiagConfig, run_diagnostics
+from qroar.diagnostics import DiagConfig
 from qroar.errors import QroarError
 
 # This page's settings (kept in the session record like every other setting).
@@ -16,16 +16,6 @@ for _name, _value in {"diag.n_bands": 8, "diag.align": "log", "diag.capture_x": 
                       "diag.noise_mode": "isolated", "diag.noise_layer": "all"}.items():
     state.DEFAULTS.setdefault(_name, _value)
 CAPTURE_MULTIPLES = (1.5, 2.0, 4.0, 8.0)
-
-
-def diagnostics_job(backend, key, pi, quant, corpus: str, cfg: DiagConfig, calib: str = "embedded:dev"):
-    """Apply this session's PI and quantizer, then run every diagnostic (engine: qroar.diagnostics)."""
-    def run(progress, cancel):
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, 0.3), cancel)
-            return run_diagnostics(entry.wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
-    return run
 
 
 st.title("Diagnostics")
@@ -61,13 +51,13 @@ if st.button("Run diagnostics", type="primary", icon=":material/play_arrow:", di
                          capture_length=int(float(state.get("diag.capture_x")) * trained),
                          n_docs=int(state.get("diag.n_docs")), eps=float(state.get("diag.eps")),
                          noise_pairs=int(state.get("diag.noise_pairs")), skip_first=int(bool(state.get("diag.skip_first"))))
-        pi, quant, corpus = state.pi_config(), state.quant_config(), state.corpus_spec()
+        recipe, corpus = state.recipe(), state.corpus_spec()
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
-        fn = diagnostics_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg)
+        fn = diagnostics_job(state.backend(), state.loaded_key(), recipe, corpus, cfg)
         state.submit("diagnostics", fn, label=f"Diagnostics at {length_label(cfg.capture_length)} tokens",
-                     meta={"pi": pi.label(), "quant": quant.describe(), "corpus": corpus})
+                     meta={"pi": recipe.pi.label(), "quant": recipe.quant.describe(), "corpus": corpus})
         st.rerun()
 
 job = w.job_status("diagnostics")

@@ -24,7 +24,7 @@ SCOPE_HELP = {"linear": "every linear of the decoder layers", "attention": "q, k
 def applied_pi(trained: int) -> str:
     """The position interpolation these settings apply, for the model card (beside the RoPE as trained)."""
     try:
-        pi = state.pi_config()
+        pi = state.recipe().pi
     except QroarError:
         return "an invalid setting (see section 2)"
     if pi.rope_type == "default":
@@ -106,7 +106,7 @@ if rope_type in ("yarn", "llama3"):
             with e2:
                 w.number("high_freq_factor", "pi.high_freq_factor", min_value=0.1, step=0.5, format="%g")
 try:
-    pi = state.pi_config()
+    pi = state.recipe().pi
     if rope_type != "default":
         orig = pi.original_max_position_embeddings or trained
         if orig:
@@ -137,12 +137,12 @@ if method in NEEDS_CALIBRATION:
     with st.expander("Calibration (GPTQ / AWQ)"):
         k1, k2 = st.columns(2)
         with k1:
-            w.number("Calibration windows", "quant.calib_samples", min_value=1, max_value=1024, step=8)
+            w.number("Calibration windows", "quant.n_samples", min_value=1, max_value=1024, step=8)
         with k2:
-            w.number("Window length (0 = trained context)", "quant.calib_len", min_value=0, step=256)
+            w.number("Window length (0 = trained context)", "quant.seq_len", min_value=0, step=256)
         st.caption("Calibration text: the embedded dev documents, under the PI setting above.")
 try:
-    qc = state.quant_config()
+    qc = state.recipe().quant
     if method != "none" and is_row_scale_equivariant(qc):
         st.caption(f"{qc.describe()} is row-scale-equivariant: symmetric per-band rescaling before it changes only rounding.")
 except QroarError as e:

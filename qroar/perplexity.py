@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from qroar.rope import text_config
 from qroar.errors import Cancelled, ConfigError, DataError, OutOfMemory
 from qroar.stats import half_width, paired_interval, ratio_interval
 
@@ -120,7 +121,7 @@ def needs_bos(tokenizer, model) -> bool:
     """True if the tokenizer adds a BOS by default or the model is Gemma-family; never without a bos_token."""
     if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
         return False
-    if _text_config(model).model_type.startswith("gemma"):
+    if text_config(model.config).model_type.startswith("gemma"):
         return bos_id(tokenizer, model) is not None
     if tokenizer is None:
         return False
@@ -131,7 +132,7 @@ def needs_bos(tokenizer, model) -> bool:
 
 def bos_id(tokenizer, model) -> int | None:
     tid = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    return tid if tid is not None else getattr(_text_config(model), "bos_token_id", None)
+    return tid if tid is not None else getattr(text_config(model.config), "bos_token_id", None)
 
 
 def make_windows(doc: torch.Tensor, length: int, bos: int | None = None, stride: int | None = None,
@@ -155,11 +156,6 @@ def make_windows(doc: torch.Tensor, length: int, bos: int | None = None, stride:
 
 
 # ----------------------------------------------------------------------------- chunked loss
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _decoder(model):
@@ -220,7 +216,7 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
     ids = input_ids.to(input_device(model))
     hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, H)
     head = model.get_output_embeddings()
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
     dev = head.weight.device
     hidden = hidden.reshape(B * L, -1)
     ids = ids.to(dev).reshape(-1)
@@ -262,7 +258,7 @@ def auto_loss_chunk(vocab_size: int, device_type: str) -> int:
 
 
 def _dims(model) -> dict:
-    c = _text_config(model)
+    c = text_config(model.config)
     H = c.hidden_size
     nh = c.num_attention_heads
     hd = getattr(c, "head_dim", None) or H // nh
@@ -415,7 +411,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
              progress: Callable[[float, str], None] | None = None, cancel: threading.Event | None = None,
              tokenizer=None) -> EvalResult:
     """Perplexity of every document at every length in cfg (see the module docstring for windows)."""
-    text = _text_config(model)
+    text = text_config(model.config)
     ids_of = _check_docs(token_docs, doc_ids, text.vocab_size)
     use_bos = cfg.add_bos if cfg.add_bos is not None else needs_bos(tokenizer, model)
     bos = bos_id(tokenizer, model) if use_bos else None
@@ -520,7 +516,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
 def reset_dynamic_rope(model) -> None:
     """Dynamic NTK rotary modules keep the frequencies of the longest sequence they have seen; start
     each length from the trained ones, so a result at length L never depends on what ran before."""
-    if "dynamic" not in str(getattr(_text_config(model), "rope_parameters", None) or "dynamic"):
+    if "dynamic" not in str(getattr(text_config(model.config), "rope_parameters", None) or "dynamic"):
         return  # no dynamic rope in force: skip the walk over every module (~1 ms on a 7B model)
     for m in model.modules():
         types = getattr(m, "rope_type", None)
@@ -614,6 +610,13 @@ def paired_change(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
                                        "change_lo_pct", "change_hi_pct"])
 
 
+def summarize_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """summarize() per variant of a Workbench.perplexity table, stacked (variant first, in table order)."""
+    parts = [summarize(g).assign(variant=v) for v, g in table.groupby("variant", sort=False)]
+    cols = ["variant", "length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
 def weighted_objective(summary: pd.DataFrame | dict[int, float], weights: dict[int, float] | None = None) -> float:
     """Weighted mean of log-perplexity over lengths; weights proportional to length by default.
     summary: a summary table (length, log_ppl) or {length: log_ppl} (EvalResult.log_ppl())."""
@@ -642,7 +645,7 @@ def benchmark(model, length: int, n_windows: int = 8, batch_size: int = 1, repea
     """Throughput of evaluate() vs a bare model(input_ids) forward on the same windows (tokens/s)."""
     dev = input_device(model)
     g = torch.Generator().manual_seed(0)
-    doc = torch.randint(0, _text_config(model).vocab_size, (length * n_windows,), generator=g)
+    doc = torch.randint(0, text_config(model.config).vocab_size, (length * n_windows,), generator=g)
     cfg = EvalConfig(lengths=(length,), batch_size=batch_size, add_bos=False)
     windows = make_windows(doc, length)[0]
 

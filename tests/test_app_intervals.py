@@ -1,7 +1,7 @@
 """Tune and Search driven headless (AppTest): intervals of each change paired on the same windows, the
 FP + scales control in Tune's change table and chart, and the control beside Search's held-out gain."""
 
-from apptest import button, finish, go, load, new_app, ok, record, tiny_dir  # noqa: F401
+from apptest import button, finish, go, load, new_app, ok, record, tiny_dir, update  # noqa: F401
 
 
 def _tune(tiny_dir, tmp_path, **settings):
@@ -12,8 +12,8 @@ def _tune(tiny_dir, tmp_path, **settings):
     for i in range(2):
         (docs / f"d{i}.txt").write_text((TEXT[i * 7:] + TEXT[: i * 7]) * 12)
     at = load(new_app(), tiny_dir)
-    record(at).settings.update({"eval.lengths": [64, 128], "qroar.n_bands": 4, "corpus.source": "path",
-                                "corpus.path": str(docs), "qroar.scales": [1.2, 1.0, 0.9, 1.0], **settings})
+    update(record(at), {"eval.lengths": [64, 128], "bands.n_bands": 4, "corpus.source": "path",
+                        "corpus.path": str(docs), "scales": (1.2, 1.0, 0.9, 1.0), **settings})
     at = go(at, "tune")
     finish(at)
     ok(at)
@@ -48,9 +48,9 @@ def test_search_puts_the_control_next_to_the_held_out_gain(tiny_dir, tmp_path):
     (tmp_path / "dev.txt").write_text(TEXT * 12)
     (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
     at = load(new_app(), tiny_dir)
-    record(at).settings.update({"qroar.n_bands": 4, "qroar.auto_run": False, "search.dev": str(tmp_path / "dev.txt"),
-                                "search.heldout": str(tmp_path / "heldout.txt"), "search.lengths": [64],
-                                "search.n_candidates": 5, "search.max_windows": 1})
+    update(record(at), {"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(tmp_path / "dev.txt"),
+                        "search.heldout": str(tmp_path / "heldout.txt"), "search.lengths": [64],
+                        "search.n_candidates": 5, "search.max_windows": 1})
     at = go(at, "search")
     button(at, "Start search").click().run()
     finish(at)

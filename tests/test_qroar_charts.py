@@ -13,7 +13,7 @@ from app import qroar_charts as qc  # noqa: E402
 
 
 def summary(scaled=(10.0, 19.0), quant=(10.5, 20.0), fp=(10.0, 18.0), lengths=(256, 1024)):
-    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("scaled", scaled))
+    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("quant_scaled", scaled))
             for n, p in zip(lengths, ps)]
     return pd.DataFrame(rows)
 
@@ -112,7 +112,7 @@ def test_tune_figure_draws_the_fp_plus_scales_control_dashed():
 def tidy(windows=((2.0, 2.2), (2.4, 2.1)), shift=None):
     """A tidy per-document table (two documents, one length) with each window's sums, 100 tokens a window:
     variant -> per-window log-ppl offset, so every variant reads the same windows."""
-    shift = shift or {"fp": (0.0, 0.0), "quant": (0.05, 0.04), "scaled": (0.03, 0.03), "fp_scaled": (0.0, -0.01)}
+    shift = shift or {"fp": (0.0, 0.0), "quant": (0.05, 0.04), "quant_scaled": (0.03, 0.03), "fp_scaled": (0.0, -0.01)}
     rows = []
     for v, (d0, d1) in shift.items():
         for doc, ws in enumerate(windows):
@@ -159,8 +159,8 @@ def test_tune_figure_draws_the_intervals_and_the_control_in_the_change_panel():
 
 
 def test_control_change_reads_the_objective_or_weighs_the_held_out_rows():
-    assert qc.control_change({"fp": 2.0, "fp_scaled": 1.99, "quant": 2.1, "scaled": 2.05}, None) == pytest.approx(math.exp(-0.01) - 1)
+    assert qc.control_change({"fp": 2.0, "fp_scaled": 1.99, "quant": 2.1, "quant_scaled": 2.05}, None) == pytest.approx(math.exp(-0.01) - 1)
     held = pd.DataFrame(dict(variant=["fp", "fp", "fp_scaled", "fp_scaled"], length=[64, 128] * 2,
                              log_ppl=[2.0, 2.2, 1.9, 2.2]))
-    assert qc.control_change({"quant": 2.1, "scaled": 2.0}, held) == pytest.approx(math.exp(-0.1 * 64 / 192) - 1)
-    assert qc.control_change({"quant": 2.1, "scaled": 2.0}, held.query("variant == 'fp'")) is None
+    assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held) == pytest.approx(math.exp(-0.1 * 64 / 192) - 1)
+    assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held.query("variant == 'fp'")) is None
