@@ -75,8 +75,9 @@ st.caption(f"PI {job.meta.get('pi')} · {job.meta.get('quant')} · {len(s['docs'
 
 st.subheader("Bands and frequencies")
 st.plotly_chart(dc.bands_figure(t["pairs"], s["trained_context"]), width="stretch")
-st.caption("What to look for: pairs whose wavelength after PI (orange) exceeds the trained context never completed "
-           "a turn in training; s_j (dotted, right axis) is how much PI slows each pair down.")
+st.caption("Blue: each pair's wavelength as trained; orange: after PI; dashed: the trained context. What to look for: "
+           "pairs whose blue wavelength lies above the dashed line never completed a turn in training; s_j (dotted, "
+           "right axis) is how much PI slows each pair down, 1 where a pair is kept as trained.")
 
 st.subheader("Interpolation Pressure")
 st.plotly_chart(dc.ip_heatmap(t["ip"], s["trained_context"]), width="stretch")
@@ -86,8 +87,8 @@ st.caption("IP_j(D) = omega_j D / s_j^2: how fast the phase at distance D moves 
 for kind, title, what in (
     ("W", "Tail Inflation Ratio of the projections (TIR_W)",
      "Q(1-eps) of |W_b h| at positions beyond the trained context over the same quantile inside it. What to look "
-     "for: red cells (> 1) are bands whose outputs grow at long context; a difference panel far from 0 means the "
-     "quantizer changes that growth."),
+     "for: red cells (> 1, without a dot) are bands whose outputs grow at long context; orange or purple cells in "
+     "the difference panel (quantized - full precision, same tokens) are where the quantizer changes that growth."),
     ("A", "Tail Inflation Ratio per axis after RoPE (TIR_A)",
      "The same ratio on the rotated q and k components, what an axis-aligned grid of rotated vectors sees. What to "
      "look for: bands where TIR_A exceeds TIR_W: rotation spreads the tail over both axes of a pair."),
@@ -96,6 +97,7 @@ for kind, title, what in (
         st.subheader(title)
         st.plotly_chart(dc.tir_heatmaps(t["tir"], kind), width="stretch")
         st.caption(what)
+        st.caption(dc.tir_sampling_note(t["tir"], kind, s["diag"].get("eps")))
 
 st.subheader("Per-band quantization error")
 st.plotly_chart(dc.quant_error_heatmap(t["quant_error"]), width="stretch")
@@ -114,9 +116,12 @@ with c2:
 noise = t["logit_noise_pooled"] if layer == "all" else t["logit_noise"][t["logit_noise"].layer == int(layer)]
 st.plotly_chart(dc.noise_heatmap(noise, mode), width="stretch")
 st.plotly_chart(dc.noise_lines(noise, mode), width="stretch")
-st.caption("RMS of (quantized - full precision) band logits (q_b . k_b) / sqrt(d) over sampled query-key pairs, "
-           "relative to the RMS full-precision band logit. What to look for: error that grows with distance in "
-           "the low-frequency bands is the PI x quantization coupling Q-ROAR targets.")
+st.caption("Both charts: the RMS of (quantized - full precision) band logits q_b . k_b (times the attention's "
+           "scaling) over the sampled query-key pairs of each distance bucket, in percent of the RMS full-precision "
+           f"band logit; {int(noise.n_pairs.iloc[0]):,} samples per bucket (sampled pairs x documents"
+           + (" x sampled layers, pooled)" if layer == "all" else f", layer {layer})") + ", every query head. "
+           "What to look for: error that grows with distance in the low-frequency bands (the higher b) is the PI x "
+           "quantization coupling Q-ROAR targets; flat lines mean the error does not depend on position.")
 
 st.download_button("Download all tables (JSON)", res.to_json(), file_name="qroar_diagnostics.json",
                    mime="application/json", icon=":material/download:")

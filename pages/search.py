@@ -137,22 +137,29 @@ if job is not current:
 
 r, cfg = job.result, job.meta["cfg"]
 gain = r.heldout_gain()
-m1, m2, m3, m4 = st.columns(4)
+control = qc.control_change(r.objective["heldout"], r.heldout, cfg.weights())
+m1, m0, m2, m3, m4 = st.columns(5)
 m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
+m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f"{100 * control:+.3f}%",
+          help="The same scales on the full-precision model, held-out objective. If it moves as much as the gain "
+               "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
 m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
           help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")
+if control is None:
+    st.caption(":material/info: This search result has no FP + scales run on the held-out documents, so the "
+               "control beside the gain is not measured.")
 if r.note:
     st.warning(f"**The change above is rounding noise, not a gain.** {r.note}", icon=":material/warning:")
 
 st.subheader("Held-out perplexity")
 table = qc.change_table(r.heldout)
 fmt = {"length": st.column_config.NumberColumn("length", format="%d"),
-       **{c: st.column_config.NumberColumn(c, format="%.4f") for c in table if c.startswith("ppl")},
-       **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")}}
+       **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%.4f") for c in table if c.startswith("ppl")},
+       **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%+.3f%%") for c in table if c.endswith(" %")}}
 st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
 st.caption(f"{cfg.heldout_corpus} · PI {job.meta['pi']} · {job.meta['quant']} · {r.scale_cfg.mode}, "
            f"{r.scale_cfg.order} quantization · guard {100 * cfg.guard_tol:g}%")

@@ -20,6 +20,18 @@ ROPE_HELP = {
 }
 SCOPE_HELP = {"linear": "every linear of the decoder layers", "attention": "q, k, v, o projections", "qk": "q and k projections only"}
 
+
+def applied_pi(trained: int) -> str:
+    """The position interpolation these settings apply, for the model card (beside the RoPE as trained)."""
+    try:
+        pi = state.recipe().pi
+    except QroarError:
+        return "an invalid setting (see section 2)"
+    if pi.rope_type == "default":
+        return "`default`: no interpolation"
+    orig = pi.original_max_position_embeddings or trained
+    return f"`{pi.rope_type}` x{pi.factor:g} · context {orig:,} stretched to about {length_label(int(orig * pi.factor))} tokens"
+
 st.title("Setup")
 st.caption("Choose a model, how its RoPE is stretched past the trained context, how its weights are quantized, "
            "and what text to measure on. Settings are kept for this session (the `?s=` part of the address).")
@@ -62,7 +74,7 @@ if info:
     if loaded != key:
         st.info(f"Loaded: **{loaded.name}** ({loaded.device}, {loaded.dtype}). The settings above differ: "
                 "press Load model to switch.", icon=":material/info:")
-    w.model_card(info)
+    w.model_card(info, applied=applied_pi(int(info["trained_context"])))
 
 # ----------------------------------------------------------------------------- position interpolation
 st.subheader("2 · Position interpolation")
@@ -150,12 +162,16 @@ with d2:
     else:
         st.caption("Long public-domain documents shipped with qroar (Austen, State of the Union messages, "
                    "mathematics and proofs). Dev documents are for tuning, held-out ones for reporting.")
-    options = state.length_options(trained)
-    chosen = w.multiselect("Context lengths (tokens)", "eval.lengths", options, value=state.lengths(),
-                           format_func=lambda n: f"{length_label(n)}" + (f" ({n / trained:g}x)" if trained else ""),
-                           help="defaults: 1x, 2x, 4x and 8x the trained context")
-    if not chosen:
-        st.warning("Choose at least one context length.", icon=":material/warning:")
+    if not trained:  # the lengths offered are multiples of the trained context: only known once a model is loaded
+        st.caption("Context lengths: load a model first; they are offered as multiples of its trained context "
+                   "(1x, 2x, 4x and 8x by default).")
+    else:
+        options = state.length_options(trained)
+        chosen = w.multiselect("Context lengths (tokens)", "eval.lengths", options, value=state.lengths(),
+                               format_func=lambda n: f"{length_label(n)} ({n / trained:g}x)",
+                               help="defaults: 1x, 2x, 4x and 8x the trained context")
+        if not chosen:
+            st.warning("Choose at least one context length.", icon=":material/warning:")
     with st.expander("Evaluation options"):
         o1, o2 = st.columns(2)
         with o1:

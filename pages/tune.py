@@ -140,13 +140,17 @@ with right:
             and prev.result.recipe != res.recipe else None
         if job is not current:
             st.caption(":material/history: Showing the last finished run while the new one computes.")
-        st.plotly_chart(qc.tune_figure(res.summary, res.trained_context, previous=previous), width="stretch")
-        table = qc.change_table(res.summary)
-        st.dataframe(table, hide_index=True, width="stretch", column_config={
+        st.plotly_chart(qc.tune_figure(res.summary, res.trained_context, previous=previous, table=res.table),
+                        width="stretch")
+        table = qc.change_table(res.summary, res.table)
+        st.dataframe(table, hide_index=True, width="stretch", column_order=[c for c in qc.CHANGE_ORDER if c in table], column_config={
             "length": st.column_config.NumberColumn("length", format="%d"),
-            **{c: st.column_config.NumberColumn(c, format="%.4f") for c in table if c.startswith("ppl")},
-            **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")},
+            **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%.4f") for c in table if c.startswith("ppl")},
+            **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%+.3f%%") for c in table if c.endswith(" %")},
+            **{c: st.column_config.TextColumn(qc.CHANGE_LABELS.get(c, c)) for c in table if c.endswith(" 95%")},
         })
+        if qc.change_note(table):
+            st.caption(qc.change_note(table))
         shown = ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(res.recipe.scales))
         tokens = int(res.summary.loc[res.summary["variant"] == "quant_scaled", "tokens"].sum())
         st.caption(f"Scales of this run: {shown} · {res.recipe.scale.mode}, {res.recipe.scale.order} quantization · "

@@ -20,6 +20,12 @@ a search over lengths 4K-32K costs one 32K forward per window instead of four. S
 score fewer tokens than with tiling (only the prefixes), which is the point: the same text at
 every length.
 
+Uncertainty. Each row also keeps its windows' own sums (`window_nll`, `window_tokens`, in window
+order), so `log_ppl_interval` gives a 95% interval of log-perplexity across windows and documents,
+and `paired_change` one of the change between two variants evaluated on the same windows (the
+text both share cancels: what judging a change needs). With one window there is no spread to
+measure, and both say so (nan) rather than invent one. Estimators: qroar.stats.
+
 Loss. The decoder body gives the last hidden states; the output head (plus Gemma's
 final_logit_softcapping) runs on `loss_chunk` positions at a time and cross-entropy sums
 accumulate in fp32, so full [L, vocab] logits are never held.
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 
 from qroar.rope import text_config
 from qroar.errors import Cancelled, ConfigError, DataError, OutOfMemory
+from qroar.stats import half_width, paired_interval, ratio_interval
 
 MAX_BATCH_POSITIONS = 32768  # more positions per forward no longer speeds a GPU up
 AUTO_BATCH_FRACTION = 0.7  # share of free memory the automatic batch size may plan to use
@@ -349,11 +356,12 @@ def _free_memory() -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-TABLE_COLUMNS = ["doc", "length", "windows", "tokens", "nll", "ppl"]
+TABLE_COLUMNS = ["doc", "length", "windows", "tokens", "nll", "ppl", "window_nll", "window_tokens"]
 
 
 class EvalResult:
-    """table: one row per (doc, length): doc, length, windows, tokens, nll (sum, nats), ppl.
+    """table: one row per (doc, length): doc, length, windows, tokens, nll (sum, nats), ppl, and each
+    window's own nll and scored tokens as lists (window_nll, window_tokens; see `log_ppl_interval`).
     summary: one row per length: length, docs, windows, tokens, nll, log_ppl (= nll/tokens), ppl.
     skipped: documents too short for a length: doc, length, tokens (the document's length).
     The DataFrames are built on first use: a search only needs `log_ppl()`, and three DataFrames
@@ -457,6 +465,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
     nll = {L: torch.zeros(n_docs, dtype=torch.float64) for L in cfg.lengths}
     wins = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
     toks = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
+    per_win = {L: [([], []) for _ in range(n_docs)] for L in cfg.lengths}  # (nll, tokens) of each window
     was_training = model.training
     if was_training:  # eval()/train() walk every module: ~2 ms each on a 7B model, so only when needed
         model.eval()
@@ -486,6 +495,9 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
                     wins[Lc].index_add_(0, who, torch.ones_like(who))
                     n = (scored[a:a + batch] if scored is not None else torch.full_like(who, Lc - 1))
                     toks[Lc].index_add_(0, who, n)
+                    for d, x, t in zip(who.tolist(), sums[:, j].tolist(), n.tolist()):
+                        per_win[Lc][d][0].append(x)
+                        per_win[Lc][d][1].append(t)
                 done += len(who) * L
                 a += batch
                 if progress is not None:
@@ -495,7 +507,8 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
             model.train()
 
     rows = [{"doc": ids_of[i], "length": L, "windows": int(wins[L][i]), "tokens": int(toks[L][i]),
-             "nll": float(nll[L][i]), "ppl": math.exp(nll[L][i] / toks[L][i])}
+             "nll": float(nll[L][i]), "ppl": math.exp(nll[L][i] / toks[L][i]),
+             "window_nll": per_win[L][i][0], "window_tokens": per_win[L][i][1]}
             for L in cfg.lengths for i in range(n_docs) if wins[L][i] > 0]
     return EvalResult(rows, skipped, cfg, bos is not None)
 
@@ -548,6 +561,53 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     rows = [{"length": L, "docs": d, "windows": w, "tokens": t, "nll": n, "log_ppl": n / t, "ppl": math.exp(n / t)}
             for L, (d, w, t, n) in sorted(acc.items())]
     return pd.DataFrame(rows, columns=["length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"])
+
+
+def _windows_by_length(table: pd.DataFrame) -> dict[int, tuple[list, list, list]]:
+    """length -> (keys (doc, window index), window nll, window tokens), in table order."""
+    out: dict[int, tuple[list, list, list]] = {}
+    if "window_nll" not in table:
+        return out
+    for d, L, xs, ts in zip(table["doc"].tolist(), table["length"].tolist(), table["window_nll"].tolist(),
+                            table["window_tokens"].tolist()):
+        k, x, t = out.setdefault(int(L), ([], [], []))
+        k += [(d, i) for i in range(len(xs))]
+        x += list(xs)
+        t += list(ts)
+    return out
+
+
+def log_ppl_interval(table: pd.DataFrame) -> pd.DataFrame:
+    """Per length, across every window of every document: log_ppl (as summarize: total nll / total tokens),
+    se_log_ppl (its standard error, windows as units), half_width (of the 95% t interval of log_ppl),
+    ppl_lo, ppl_hi (that interval as perplexity). Fewer than two windows: nan (no spread to measure)."""
+    rows = []
+    for L, (_, x, t) in sorted(_windows_by_length(table).items()):
+        r, se, n = ratio_interval(x, t)
+        h = half_width(se, n)
+        rows.append(dict(length=L, windows=n, log_ppl=r, se_log_ppl=se, half_width=h,
+                         ppl_lo=math.exp(r - h), ppl_hi=math.exp(r + h)))
+    return pd.DataFrame(rows, columns=["length", "windows", "log_ppl", "se_log_ppl", "half_width", "ppl_lo", "ppl_hi"])
+
+
+def paired_change(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Per length, `other` against `base` evaluated on the same windows (tables of two variants):
+    delta_log_ppl (other - base, nats per token), se (windows as units, paired), half_width (95% t),
+    change_pct = 100 (exp(delta) - 1) and its interval change_lo_pct, change_hi_pct (negative = other is
+    better). A length whose windows differ between the two is left out; one window gives nan bounds."""
+    a, b = _windows_by_length(base), _windows_by_length(other)
+    rows = []
+    for L in sorted(set(a) & set(b)):
+        (ka, xa, ta), (kb, xb, tb) = a[L], b[L]
+        if ka != kb or ta != tb:
+            continue
+        d, se, n = paired_interval(xa, xb, ta)
+        h = half_width(se, n)
+        pct = lambda v: 100 * (math.exp(v) - 1)  # noqa: E731
+        rows.append(dict(length=L, windows=n, delta_log_ppl=d, se=se, half_width=h, change_pct=pct(d),
+                         change_lo_pct=pct(d - h), change_hi_pct=pct(d + h)))
+    return pd.DataFrame(rows, columns=["length", "windows", "delta_log_ppl", "se", "half_width", "change_pct",
+                                       "change_lo_pct", "change_hi_pct"])
 
 
 def summarize_variants(table: pd.DataFrame) -> pd.DataFrame:
