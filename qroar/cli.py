@@ -5,6 +5,8 @@
   qroar search    find per-band scales (coordinate descent, checkpoint/resume), report on held-out documents
   qroar apply     load a scales file onto its model and evaluate fp / quant / quant+scales on held-out documents
   qroar export    a scales file -> a Hugging Face checkpoint folder with the scales folded in
+  qroar fidelity  KL divergence to full precision, same top token, true-token probability change, by position
+  qroar retrieval passkey retrieval at chosen lengths and depths, per variant
 
 Every QroarError is printed as `error: ...` with exit code 2. A command is one `add_<name>(sub)`
 function that builds its parser and one `cmd_<name>(args)` that runs it; COMMANDS lists them.
@@ -454,7 +456,155 @@ def cmd_diagnose(a) -> int:
     return 0
 
 
-COMMANDS = [add_eval, add_diagnose, add_search, add_apply, add_export]  # a new command: write add_<name>/cmd_<name>, list it here
+# ----------------------------------------------------------------------------- fidelity / retrieval
+
+
+def _variants_from_args(a, recipe, allowed, default):
+    """The variants asked for (--variants) or the default ones this recipe can run, checked before the model loads."""
+    from qroar.errors import ConfigError
+
+    has = {"fp": True, "quant": recipe.quantized, "quant_scaled": recipe.quantized and recipe.scales is not None,
+           "fp_scaled": recipe.scales is not None}
+    need = {"quant": "a quantizer (--quant)", "quant_scaled": "a quantizer and --scales", "fp_scaled": "--scales"}
+    if not a.variants:
+        return [v for v in default if has[v]]
+    asked = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in asked if v not in allowed]
+    if bad:
+        raise ConfigError(f"--variants takes {', '.join(allowed)}; got {', '.join(bad)}.")
+    missing = [v for v in asked if not has[v]]
+    if missing:
+        raise ConfigError("; ".join(f"variant {v} needs {need[v]}" for v in missing) + ".")
+    return asked
+
+
+def _floats(text, what):
+    from qroar.errors import ConfigError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise ConfigError(f"{what} expects comma-separated numbers, got {text!r}.") from e
+
+
+def add_fidelity(sub) -> None:
+    from qroar.fidelity import PRECISIONS, VARIANTS
+    from qroar.recipe import add_args
+
+    f = sub.add_parser("fidelity", help="KL divergence to full precision, same top token and true-token probability "
+                                        "change, by position (JSON + CSV)")
+    _add_model_args(f), add_args(f)
+    g = f.add_argument_group("fidelity")
+    g.add_argument("--corpus", default="embedded:heldout", help="documents to score (one window each by default)")
+    g.add_argument("--lengths", default=None, help="comma-separated lengths; windows are cut at the longest and each "
+                   "length reports its prefix (default 1x,4x,8x the trained context)")
+    g.add_argument("--max-windows", type=int, default=1, help="windows per document (default 1; 0 = every window)")
+    g.add_argument("--max-docs", type=int, default=4, help="documents scored (default 4; 0 = all)")
+    g.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: those the "
+                   "recipe has: quant with a quantizer, the scaled ones with --scales)")
+    g.add_argument("--nopi", action="store_true", help="also compare every variant (fp included) with the FP model "
+                   "without PI, inside its trained context")
+    g.add_argument("--per-octave", type=int, default=1, help="position buckets per doubling (1-8)")
+    g.add_argument("--chunk", type=int, default=None, help="positions per output-head chunk (default: automatic)")
+    g.add_argument("--precision", default="float32", choices=[p for p in PRECISIONS if p != "auto"],
+                   help="log-softmax precision (default float32)")
+    f.add_argument("--out", default=None, help="write OUT.json (everything) and OUT.csv (the position-bucket table)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fidelity)
+
+
+def cmd_fidelity(a) -> int:
+    from qroar import fidelity
+    from qroar.errors import ConfigError
+
+    recipe = recipe_from_args(a)
+    variants = _variants_from_args(a, recipe, fidelity.VARIANTS, fidelity.VARIANTS)
+    if not variants:
+        raise ConfigError("Nothing to compare with full precision: give a quantizer (--quant) and/or --scales.")
+    if a.nopi and recipe.pi.rope_type == "default":
+        raise ConfigError("--nopi compares with FP without PI, but no PI is set (--pi default): there is no such "
+                          "reference beside FP itself. Set --pi or drop --nopi.")
+    lengths = _ints(a.lengths, "--lengths")
+    kw = dict(max_windows_per_doc=a.max_windows or None, max_docs=a.max_docs or None, chunk=a.chunk,
+              precision=a.precision, nopi=a.nopi, per_octave=a.per_octave)
+    fidelity.FidelityConfig(lengths=lengths or (2,), **kw)  # malformed settings fail before the model loads
+    wb = open_workbench(a)
+    tc = wb.info.trained_context
+    cfg = fidelity.FidelityConfig(lengths=lengths or (tc, 4 * tc, 8 * tc), **kw)
+    print(f"model {wb.info.name} ({wb.info.model_type}, trained context {tc}) on {wb.info.device}/{wb.info.dtype}; "
+          f"PI {recipe.pi.label()}{_placement_line(wb.info)}")
+    tq = apply_recipe(wb, recipe, a.quiet)
+    if recipe.quantized:
+        print(f"quantized ({wb.quant_cfg.describe()}) in {tq:.2f}s")
+    if wb.invariance_note() and recipe.scales is not None:
+        print(f"note: {wb.invariance_note()}")
+    res = fidelity.run(wb, a.corpus, cfg, variants=variants, progress=ProgressBar(a.quiet))
+    print(fidelity.format_result(res))
+    print(f"{len(res.windows)} windows of {cfg.length} tokens in {res.settings['seconds']:.2f}s")
+    write_outputs(a.out, {"command": "fidelity", "settings": wb.settings(), "recipe": wb.recipe.to_dict(),
+                          "corpus": a.corpus, "quantize_seconds": tq, **res.to_dict()}, res.buckets)
+    return 0
+
+
+def add_retrieval(sub) -> None:
+    from qroar.recipe import add_args
+    from qroar.retrieval import HAYSTACKS, KEYS, RetrievalConfig
+
+    base = RetrievalConfig()
+    r = sub.add_parser("retrieval", help="passkey retrieval: a key at chosen depths of long prompts, scored "
+                                         "teacher-forced (and by greedy generation) per variant (JSON + CSV)")
+    _add_model_args(r), add_args(r)
+    g = r.add_argument_group("retrieval")
+    g.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens (default 1x,2x,4x the trained context)")
+    g.add_argument("--depths", default=None, help="comma-separated depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    g.add_argument("--trials", type=int, default=base.trials, help=f"prompts per length and depth (default {base.trials})")
+    g.add_argument("--key", default=base.key, choices=list(KEYS), help="; ".join(f"{k}: {v.label}" for k, v in KEYS.items()))
+    g.add_argument("--digits", type=int, default=base.digits, help=f"digits of a digits key (default {base.digits})")
+    g.add_argument("--haystack", default=base.haystack, choices=list(HAYSTACKS),
+                   help="; ".join(f"{k}: {v}" for k, v in HAYSTACKS.items()))
+    g.add_argument("--corpus", default=base.corpus, help="documents for the corpus haystack")
+    g.add_argument("--seed", type=int, default=base.seed, help="seed of the trials (keys, documents, offsets)")
+    g.add_argument("--generate", action="store_true", help="also greedy generation, scored by exact match")
+    g.add_argument("--variants", default=None, help="comma-separated, of fp, quant, quant_scaled, fp_scaled "
+                   "(default: all the recipe has)")
+    r.add_argument("--out", default=None, help="write OUT.json (settings, summary, every trial) and OUT.csv (every trial)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_retrieval)
+
+
+def cmd_retrieval(a) -> int:
+    from dataclasses import replace
+
+    from qroar import retrieval
+
+    recipe = recipe_from_args(a)
+    variants = _variants_from_args(a, recipe, ("fp", "quant", "quant_scaled", "fp_scaled"),
+                                   ("fp", "quant", "quant_scaled", "fp_scaled"))
+    lengths = _ints(a.lengths, "--lengths")
+    kw = dict(trials=a.trials, key=a.key, digits=a.digits, haystack=a.haystack, corpus=a.corpus, seed=a.seed,
+              generate=a.generate)
+    if a.depths:
+        kw["depths"] = _floats(a.depths, "--depths")
+    cfg = retrieval.RetrievalConfig(**({"lengths": lengths} if lengths else {}), **kw)  # bad settings fail before the load
+    wb = open_workbench(a)
+    tc = wb.info.trained_context
+    if not lengths:
+        cfg = replace(cfg, lengths=(tc, 2 * tc, 4 * tc))
+    retrieval.plan_prompts(wb, cfg)  # a key or question that cannot fit is refused before quantizing
+    print(f"model {wb.info.name} ({wb.info.model_type}, trained context {tc}) on {wb.info.device}/{wb.info.dtype}; "
+          f"PI {recipe.pi.label()}{_placement_line(wb.info)}")
+    tq = apply_recipe(wb, recipe, a.quiet)
+    if recipe.quantized:
+        print(f"quantized ({wb.quant_cfg.describe()}) in {tq:.2f}s")
+    res = retrieval.run(wb, cfg, variants=variants, progress=ProgressBar(a.quiet))
+    print(retrieval.format_result(res))
+    print(f"{len(res.trials)} prompts in {res.settings['seconds']:.2f}s")
+    write_outputs(a.out, {"command": "retrieval", "settings": wb.settings(), "recipe": wb.recipe.to_dict(),
+                          "quantize_seconds": tq, **res.to_dict()}, res.trials)
+    return 0
+
+
+COMMANDS = [add_eval, add_diagnose, add_search, add_apply, add_export, add_fidelity, add_retrieval]  # a new command: write add_<name>/cmd_<name>, list it here
 
 
 def build_parser() -> argparse.ArgumentParser:

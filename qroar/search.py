@@ -377,7 +377,12 @@ class SearchResult:
     def heldout_gain(self) -> float:
         """Relative change of the held-out objective's perplexity, scaled vs unscaled quantized (negative = better)."""
         o = self.objective["heldout"]
-        return math.exp(o["quant_scaled"] - o["quant"]) - 1
+        return self.objective_change(o["quant_scaled"], o["quant"])
+
+    def objective_change(self, new: float, base: float) -> float:
+        """Relative change of the objective (its registry entry's rule: perplexity ratio, or KL ratio)."""
+        name = (self.search_cfg or {}).get("objective", "ppl")
+        return OBJECTIVES[name].change(new, base) if name in OBJECTIVES else math.exp(new - base) - 1
 
     def to_dict(self) -> dict:
         rec = lambda df: None if df is None else json.loads(df.to_json(orient="records"))  # noqa: E731
@@ -414,6 +419,8 @@ class SearchRun:
         self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
         self.doc_evals = 0
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
+        self.measure = OBJECTIVES[cfg.objective].measure  # what each entry records per length besides log-ppl
+        self.reference = None  # the KL objective's FP reference (fidelity.FPReference), made on first use
         self.scaled, self.base = scaled, base
         self.t0, self.fresh_seconds = time.time(), 0.0
         self.parallel = parallel  # qroar.distributed.Ranks (map over processes) or None
@@ -429,12 +436,26 @@ class SearchRun:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("search cancelled")
 
-    def _eval(self, docs, cfg, variant) -> dict[int, float]:
-        """log-ppl per length of one variant on docs."""
-        return self.wb.evaluate(docs, cfg, variant, cancel=self.cancel).log_ppl()
+    def _result(self, docs, cfg, variant):
+        """One variant on docs: a perplexity.EvalResult, or for the KL objective a fidelity.KLResult (KL to FP
+        under the same PI and the variant's own nll, against FP hidden states cached for the whole search)."""
+        if self.measure == "log_ppl":
+            return self.wb.evaluate(docs, cfg, variant, cancel=self.cancel)
+        from qroar.fidelity import FPReference, kld_evaluate
 
-    def objective(self, logp: dict[int, float]) -> float:
-        return OBJECTIVES[self.cfg.objective].fn(logp, self.cfg.weights())
+        if self.reference is None:
+            self.reference = FPReference(self.wb)
+        return kld_evaluate(self.wb, docs, cfg, variant, self.reference, cancel=self.cancel)
+
+    def _eval(self, docs, cfg, variant) -> tuple[dict[int, float], dict[int, float]]:
+        """(log-ppl per length, the objective's measure per length) of one variant on docs."""
+        res = self._result(docs, cfg, variant)
+        logp = res.log_ppl()
+        return logp, (logp if self.measure == "log_ppl" else getattr(res, self.measure)())
+
+    def objective(self, values: dict[int, float]) -> float:
+        """The objective of the measure's values per length (log-ppl, or mean KL for the KL objective)."""
+        return OBJECTIVES[self.cfg.objective].fn(values, self.cfg.weights())
 
     def _cached(self, fold: str, scales, guard_limit) -> dict | None:
         hit = self.ck.get(fold, scales)
@@ -476,16 +497,21 @@ class SearchRun:
         self._check()
         t = time.time()
         variant = self._set(scales)
-        logp = self._eval(docs, self.eval_short, variant)
+        logp, values = self._eval(docs, self.eval_short, variant)
         self.doc_evals += len(docs.doc_ids)
         entry = {"scales": None if scales is None else list(scales), "objective": None, "log_ppl": logp,
                  "short_log_ppl": logp[self.short], "guard_ok": True}
+        if self.measure != "log_ppl":
+            entry[self.measure] = values
         if guard_limit is not None and logp[self.short] > guard_limit:
             entry["guard_ok"] = False  # the longer lengths are not worth computing
         else:
             if self.eval_rest is not None:
-                logp.update(self._eval(docs, self.eval_rest, variant))
-            entry["objective"] = self.objective(logp)
+                more, more_values = self._eval(docs, self.eval_rest, variant)
+                logp.update(more)
+                if values is not logp:
+                    values.update(more_values)
+            entry["objective"] = self.objective(values)
         return entry, time.time() - t
 
     # ------------------------------------------------------------------ per-document results (racing)
@@ -504,10 +530,11 @@ class SearchRun:
         missing = [d for d in docs.doc_ids if self.ck.get("doc=" + d, scales) is None]
         if missing:
             t = time.time()
-            res = self.wb.evaluate(docs.subset(missing), self.eval_all, self._set(scales), cancel=self.cancel)
+            res = self._result(docs.subset(missing), self.eval_all, self._set(scales))
             got = {d: {} for d in missing}
-            for r in res.rows:
-                got[r["doc"]][str(int(r["length"]))] = [float(r["nll"]), int(r["tokens"])]
+            for r in res.rows:  # [nll, tokens] (+ the measure's sum, e.g. kld)
+                got[r["doc"]][str(int(r["length"]))] = [float(r["nll"]), int(r["tokens"])] + (
+                    [float(r[self.measure])] if self.measure != "log_ppl" else [])
             for d in missing:
                 self.ck.put("doc=" + d, scales, {"scales": None if scales is None else list(scales), "per_length": got[d]},
                             save=False)
@@ -526,11 +553,15 @@ class SearchRun:
         """The entry evaluate() would give (log_ppl per length, short_log_ppl, objective) on doc_ids."""
         acc: dict[int, list] = {}
         for d in doc_ids:
-            for L, (nll, tok) in per_doc[d].items():
-                a = acc.setdefault(L, [0.0, 0])
-                a[0], a[1] = a[0] + nll, a[1] + tok
-        logp = {L: n / t for L, (n, t) in sorted(acc.items())}
-        return {"log_ppl": logp, "short_log_ppl": logp.get(self.short), "objective": self.objective(logp)}
+            for L, (nll, tok, *m) in per_doc[d].items():
+                a = acc.setdefault(L, [0.0, 0, 0.0])
+                a[0], a[1], a[2] = a[0] + nll, a[1] + tok, a[2] + (m[0] if m else 0.0)
+        logp = {L: n / t for L, (n, t, _) in sorted(acc.items())}
+        if self.measure == "log_ppl":
+            return {"log_ppl": logp, "short_log_ppl": logp.get(self.short), "objective": self.objective(logp)}
+        values = {L: x / t for L, (_, t, x) in sorted(acc.items())}
+        return {"log_ppl": logp, self.measure: values, "short_log_ppl": logp.get(self.short),
+                "objective": self.objective(values)}
 
     def entry(self, docs, scales, what: str = "") -> dict:
         """evaluate()'s entry from per-document results (racing mode's evaluate)."""
@@ -646,10 +677,17 @@ class Strategy:
 
 @dataclass(frozen=True)
 class Objective:
-    """One entry of OBJECTIVES: fn({length: log_ppl}, weights or None) -> the number the search minimises."""
+    """One entry of OBJECTIVES: fn({length: value}, weights or None) -> the number the search minimises.
+
+    measure: the per-length value each evaluation records ("log_ppl": the variant's log-perplexity;
+    "kld": its mean KL divergence to the FP model under the same PI, qroar.fidelity.kld_evaluate).
+    change(new, base): the relative change of the objective shown to users (negative = better).
+    The short-context guard always reads log-perplexity, whatever the objective."""
 
     fn: Callable
     label: str
+    measure: str = "log_ppl"
+    change: Callable = lambda new, base: math.exp(new - base) - 1
 
 
 def _ppl_objective(logp: dict[int, float], weights) -> float:
@@ -678,6 +716,8 @@ STRATEGIES: dict[str, Strategy] = {
 }
 OBJECTIVES: dict[str, Objective] = {
     "ppl": Objective(_ppl_objective, "length-weighted mean log-perplexity"),
+    "kld": Objective(_ppl_objective, "length-weighted mean KL divergence to full precision under the same PI",
+                     measure="kld", change=lambda new, base: new / base - 1 if base > 0 else float("nan")),
 }
 
 
@@ -703,14 +743,17 @@ def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFr
     for name in variants:
         if name == "fp_scaled":
             run._set(scales)
-            logp = run.wb.evaluate(docs, run.eval_all, "fp_scaled", cancel=run.cancel).log_ppl()
-            e = {"log_ppl": logp, "objective": run.objective(logp)}
+            logp, values = run._eval(docs, run.eval_all, "fp_scaled")
+            e = {"log_ppl": logp, run.measure: values, "objective": run.objective(values)}
         else:
             s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
             e = run.entry(docs, s, f"[{fold}] {name}") if STRATEGIES[run.cfg.strategy].per_document \
                 else run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
         obj[name] = e["objective"]
-        rows += [dict(variant=name, length=L, log_ppl=v, ppl=math.exp(v)) for L, v in sorted(e["log_ppl"].items())]
+        extra = {int(L): v for L, v in (e.get(run.measure) or {}).items()} if run.measure != "log_ppl" else {}
+        rows += [dict(variant=name, length=int(L), log_ppl=v, ppl=math.exp(v),
+                      **({run.measure: extra.get(int(L))} if extra else {}))
+                 for L, v in sorted(e["log_ppl"].items(), key=lambda kv: int(kv[0]))]
     return pd.DataFrame(rows), obj
 
 
@@ -805,7 +848,12 @@ def format_result(r: SearchResult) -> str:
     lines = ["held-out perplexity:", piv.to_string(float_format=lambda x: f"{x:.4f}"),
              "scales: " + ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales)),
              f"held-out objective change: {100 * r.heldout_gain():+.3f}% "
-             f"(dev {100 * (math.exp(r.objective['dev']['quant_scaled'] - r.objective['dev']['quant']) - 1):+.3f}%)"]
+             f"(dev {100 * r.objective_change(r.objective['dev']['quant_scaled'], r.objective['dev']['quant']):+.3f}%)"]
+    if "kld" in r.heldout:
+        kl = r.heldout.pivot(index="length", columns="variant", values="kld")
+        kl = kl[[v for v in ("fp", "quant", "quant_scaled", "fp_scaled") if v in kl]]
+        lines[2:2] = ["held-out mean KL divergence to full precision (fp_scaled: the same scales on FP, the control):",
+                      kl.to_string(float_format=lambda x: f"{x:.5f}")]
     if r.note:
         lines.append(f"note: {r.note} The change above is rounding noise, not a gain: the scales stay 1"
                      + (f" (noise chose {', '.join(f'{g:.4g}' for g in r.noise_scales)})." if r.noise_scales else "."))

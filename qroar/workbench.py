@@ -279,6 +279,20 @@ class Workbench:
             finally:
                 self._put_variant(before)
 
+    @contextmanager
+    def pi_off(self):
+        """Temporarily run without position interpolation (the model's own RoPE); weights are untouched,
+        so a calibrated quantizer is not re-run. The PI of the recipe is put back on exit."""
+        with self.lock:
+            if self.recipe.pi == rope.PIConfig():
+                yield self.model
+                return
+            self._set_pi(rope.PIConfig())
+            try:
+                yield self.model
+            finally:
+                self._set_pi(self.recipe.pi)
+
     def available_variants(self) -> tuple[str, ...]:
         out = ["fp"]
         if self.qstate is not None:
