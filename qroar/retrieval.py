@@ -31,6 +31,7 @@ decoded text starts with the key (followed by a non-alphanumeric character or no
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -150,11 +151,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def key_tokens(tokenizer, kind: KeyKind, key: str) -> list[int]:
-    """The key's token ids as they follow the question in running text, checked by decoding."""
+    """The key's token ids as they follow the question in running text, checked by decoding (spaces aside)."""
     q = _encode(tokenizer, kind.question)
     both = _encode(tokenizer, kind.question + " " + key)
     ids = both[len(q):] if both[:len(q)] == q else _encode(tokenizer, " " + key)
-    if not ids or tokenizer.decode(ids).strip() != key:
+    if not ids or "".join(tokenizer.decode(ids).split()) != "".join(key.split()):  # some decoders space out tokens
         raise DataError(f"This tokenizer does not give the key {key!r} back when decoding its tokens "
                         f"({ids} -> {tokenizer.decode(ids)!r}): use the other key kind or another model.")
     return ids
@@ -306,13 +307,13 @@ def teacher_forced(model, prompts: list[Prompt]) -> list[dict]:
 def greedy(model, ids: torch.Tensor, n_new: int) -> list[int]:
     """n_new greedily generated token ids after the prompt ids (L,), with the KV cache."""
     dev = input_device(model)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.2x
     reset_dynamic_rope(model)
     o = model(input_ids=ids[None].to(dev), use_cache=True, logits_to_keep=1)
     out = [int(o.logits[0, -1].argmax())]
-    past = o.past_key_values
     for _ in range(n_new - 1):
-        o = model(input_ids=torch.tensor([[out[-1]]], device=dev), past_key_values=past, use_cache=True)
-        past = o.past_key_values
+        past = getattr(o, key, None)
+        o = model(input_ids=torch.tensor([[out[-1]]], device=dev), use_cache=True, **{key: past})
         out.append(int(o.logits[0, -1].argmax()))
     return out
 
