@@ -72,14 +72,14 @@ PERCENTILES = (90.0, 95.0, 99.0, 99.9)
 class FidelityConfig:
     """lengths: overall results per length (windows are cut at the longest); max_windows_per_doc and
     max_docs bound the work (None: no bound); chunk: positions per head chunk (None: automatic);
-    precision of the log-softmax; nopi: also compare against FP without PI inside the trained context;
+    precision of the log-softmax (float32, float64, or auto: float64 on CPU); nopi: also compare against FP without PI inside the trained context;
     per_octave: position buckets per doubling; add_bos None: decided per model (perplexity.needs_bos)."""
 
     lengths: tuple[int, ...] = (2048,)
     max_windows_per_doc: int | None = 1
     max_docs: int | None = None
     chunk: int | None = None
-    precision: str = "auto"
+    precision: str = "float32"
     nopi: bool = False
     per_octave: int = 1
     add_bos: bool | None = None
@@ -147,10 +147,10 @@ def _kl_rows(lr: torch.Tensor, pr: torch.Tensor, lv: torch.Tensor) -> torch.Tens
 
 
 def _log_softmax(head, cap, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    logits = head(h).to(dtype)
+    logits = head(h)
     if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return F.log_softmax(logits, dim=-1)
+        logits = torch.tanh(logits.to(dtype) / cap) * cap
+    return F.log_softmax(logits, dim=-1, dtype=dtype)  # upcast inside the kernel: no full-precision copy of the logits
 
 
 def auto_chunk(vocab_size: int, device_type: str) -> int:
@@ -479,7 +479,7 @@ class KLResult:
 
 
 @torch.no_grad()
-def kld_evaluate(wb, corpus, eval_cfg, variant: str, reference: FPReference, cancel=None, precision: str = "auto") -> KLResult:
+def kld_evaluate(wb, corpus, eval_cfg, variant: str, reference: FPReference, cancel=None, precision: str = "float32") -> KLResult:
     """Mean KL(FP || variant) and the variant's nll per document and length, on perplexity's windows
     (eval_cfg: lengths, max_windows_per_doc, nested; no stride), against the cached FP reference."""
     if eval_cfg.stride is not None:
