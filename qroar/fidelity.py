@@ -368,7 +368,7 @@ def run(wb, corpus, cfg: FidelityConfig, variants=VARIANTS, progress: Callable[[
     acc = {("fp", v): [] for v in under_pi}
     if cfg.nopi:
         acc.update({("fp_nopi", v): [] for v in variants})
-    passes = len(variants) + 1 + cfg.nopi
+    passes = len(under_pi) + 1 + cfg.nopi  # decoder forwards per window
     for k, (doc, start, ids) in enumerate(wins):
         if cancel is not None and cancel.is_set():
             raise Cancelled("Fidelity run cancelled; the model is unchanged.")
@@ -386,6 +386,8 @@ def run(wb, corpus, cfg: FidelityConfig, variants=VARIANTS, progress: Callable[[
         if cfg.nopi:
             with wb.variant("fp"), wb.pi_off():
                 h0 = hidden_states(model, ids[:, :n_pre])[0]
+            if progress is not None:
+                progress((k + 1) / len(wins), f"window {k + 1}/{len(wins)}: fp without PI")
             stats = compare_hidden(model, h0, {v: hs[v][:n_pre] for v in variants}, target[:n_pre], chunk, dtype)
             for v in variants:
                 acc[("fp_nopi", v)].append(stats[v])

@@ -409,8 +409,22 @@ def run(wb, cfg: RetrievalConfig, variants=("fp", "quant", "quant_scaled", "fp_s
     return RetrievalResult(trials=trials, summary=summarize(trials), settings=settings)
 
 
+def paired_change(trials: pd.DataFrame, variant: str = "quant_scaled", base: str = "quant",
+                  col: str = "key_logprob") -> pd.DataFrame:
+    """Per (length, depth): the mean over trials of `variant`'s col minus `base`'s on the same prompts
+    (e.g. PTQ + scales minus PTQ), with the number of paired trials."""
+    keys = ["length", "depth", "trial"]
+    a = trials[trials["variant"] == variant].set_index(keys)[col]
+    b = trials[trials["variant"] == base].set_index(keys)[col]
+    d = (a.astype(float) - b.astype(float)).dropna().rename("change").reset_index()
+    if d.empty:
+        raise ConfigError(f"No prompts scored for both {variant} and {base}: run both variants.")
+    return d.groupby(["length", "depth"]).agg(change=("change", "mean"), trials=("change", "size")).reset_index()
+
+
 def format_result(r: RetrievalResult) -> str:
-    """Per variant, a length x depth table of teacher-forced token accuracy and exact-key rate, for the CLI."""
+    """Per variant, length x depth tables of teacher-forced key token accuracy and mean key log-probability
+    (and greedy exact match when generated), for the CLI."""
     lines = []
     s = r.summary
     for v, g in s.groupby("variant", sort=False):

@@ -181,6 +181,11 @@ def test_run_scores_every_cell_of_every_variant_and_rebuilds_its_prompts(wb):
     other = retrieval.run(w, retrieval.RetrievalConfig(**{**cfg.to_dict(), "lengths": (260, 320), "depths": (0.0, 0.5, 1.0),
                                                           "seed": 1, "generate": False}))
     assert list(other.trials["key"]) != list(t.query("variant == 'fp' or variant == 'quant'")["key"])
+    ch = retrieval.paired_change(t, "quant", "fp")
+    assert len(ch) == 6 and (ch["trials"] == 2).all()
+    one = t.query("length == 260 and depth == 0.5")
+    assert ch.query("length == 260 and depth == 0.5")["change"].iloc[0] == pytest.approx(
+        one.query("variant == 'quant'")["key_logprob"].mean() - one.query("variant == 'fp'")["key_logprob"].mean())
     json.dumps(res.to_dict(), default=str)
     assert "teacher-forced key token accuracy" in retrieval.format_result(res)
 
