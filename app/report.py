@@ -136,8 +136,7 @@ def eval_command(s: ReportSettings, out: str = "perplexity") -> str:
     e = s.eval
     args = ["eval", *_model_args(s.model), *_pi_args(s.pi), *_quant_args(s.quant), "--corpus", s.corpus,
             "--lengths", ",".join(str(n) for n in e["lengths"])]
-    if e.get("max_windows_per_doc"):
-        args += ["--max-windows", str(e["max_windows_per_doc"])]
+    args += ["--max-windows", str(e.get("max_windows_per_doc") or 0)]  # 0: every window (the CLI's default is a few)
     if e.get("stride"):
         args += ["--stride", str(e["stride"])]
     return _line(args + ["--out", out])
@@ -172,8 +171,7 @@ def search_command(s: ReportSettings, search: dict, out: str = "scales.json") ->
             "--lengths", ",".join(map(str, c.get("lengths", s.eval["lengths"])))]
     if c.get("length_weights"):
         args += ["--length-weights", ",".join(f"{w:g}" for w in c["length_weights"])]
-    if c.get("max_windows_per_doc"):
-        args += ["--max-windows", str(c["max_windows_per_doc"])]
+    args += ["--max-windows", str(c.get("max_windows_per_doc") or 0)]  # 0: every window (the CLI's default is a few)
     args += ["--candidates", str(c.get("n_candidates", 7)), "--sweeps", str(c.get("sweeps", 1)),
              "--guard", f"{c.get('guard_tol', 0.005):g}", "--folds", str(c.get("k_folds", 0))]
     if search.get("windows"):

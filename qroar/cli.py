@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from qroar import preflight
 from qroar.errors import QroarError
 
 
@@ -112,7 +113,7 @@ def _add_corpus_args(p: argparse.ArgumentParser, default="embedded:heldout") -> 
     g.add_argument("--corpus", default=default, help="embedded | embedded:dev | embedded:heldout | PATH | hf:name[:config[:split[:field]]]")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x,8x the trained context)")
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
-    g.add_argument("--max-windows", type=int, default=None, help="at most this many windows per document and length")
+    g.add_argument("--max-windows", type=int, default=2, help="at most this many windows per document and length (0 = all)")
     g.add_argument("--batch-size", type=int, default=None)
 
 
@@ -216,6 +217,7 @@ def cmd_eval(a) -> int:
     from qroar import distributed
     from qroar.perplexity import EvalConfig, summarize
 
+    preflight.check(a, "eval")
     ranks = ranks_from_args(a)
     say = print if ranks.is_main else (lambda *x, **k: None)
     wb = open_workbench(a)
@@ -306,7 +308,7 @@ def add_search(sub) -> None:
     g.add_argument("--heldout-corpus", default="embedded:heldout", help="documents the result is reported on")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x the trained context)")
     g.add_argument("--length-weights", default=None, help="comma-separated weights, one per length (default: proportional to length)")
-    g.add_argument("--max-windows", type=int, default=2, help="at most this many windows per document and length")
+    g.add_argument("--max-windows", type=int, default=2, help="at most this many windows per document and length (0 = all)")
     g.add_argument("--batch-size", type=int, default=None)
     w = s.add_argument_group("windows")
     w.add_argument("--windows", default=None, help="explicit LO:HI per band, comma-separated (skips the IP/TIR rule)")
@@ -339,6 +341,7 @@ def cmd_search(a) -> int:
     from qroar import distributed
     from qroar.search import SearchConfig, format_result
 
+    preflight.check(a, "search")
     ranks = ranks_from_args(a)
     say = print if ranks.is_main else (lambda *x, **k: None)
     wb = open_workbench(a)
@@ -412,6 +415,7 @@ def cmd_apply(a) -> int:
     from qroar.export import apply_scales
     from qroar.perplexity import EvalConfig, summarize
 
+    preflight.check(a, "apply")
     sf, wb = _open_for_scales(a)
     tc = wb.info.trained_context
     search_lengths = (sf.raw.get("search") or {}).get("lengths")
@@ -454,6 +458,7 @@ def cmd_export(a) -> int:
     from qroar.errors import ConfigError
     from qroar.export import apply_scales, export_checkpoint
 
+    preflight.check(a, "export")
     sf, wb = _open_for_scales(a)
     if a.quantized and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: export full precision (drop --quantized).")
@@ -513,6 +518,7 @@ def cmd_diagnose(a) -> int:
     cfg = DiagConfig(bands=BandConfig(n_bands=a.bands, align=a.band_align), capture_length=a.capture_length,
                      n_docs=a.n_docs, eps=a.eps, axis=not a.no_axis,
                      noise_layers=_ints(a.noise_layers, "--noise-layers"), ip_lengths=_ints(a.ip_lengths, "--ip-lengths"))
+    preflight.check(a, "diagnose")
     wb = open_workbench(a)
     wb.set_quant(quant_from_args(a, wb.info.trained_context), calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     res = run_diagnostics(wb, a.corpus, cfg, progress=ProgressBar(a.quiet))
