@@ -12,7 +12,7 @@ caches them, so the run that follows does not tokenize them again). It checks:
                when every length is, the run stops here (diagnose: --capture-length)
   group size   divides every linear input width in scope, read from config.json: hidden_size,
                num_attention_heads * head_dim (o_proj), intermediate_size (down_proj)
-  corpora      --corpus, --dev-corpus, --heldout-corpus (and --calib for gptq/awq) exist and read as text
+  corpora      --corpus, --dev-corpus, --heldout-corpus (and the recipe's --calib for gptq/awq) exist and read as text
   windows      --max-windows 0 means all windows (None downstream); negative is refused
 
 Then eval, apply and search print their plan: forward windows x tokens and, on a CPU, a time
@@ -356,20 +356,12 @@ def _say(a, msg: str, stream=None) -> None:
     print(msg, file=stream or sys.stdout, flush=True)
 
 
-def _check_calib(a, method: str) -> None:
-    from qroar.quant import NEEDS_CALIBRATION
-
-    if method in NEEDS_CALIBRATION and getattr(a, "calib", None):
-        read_corpus(a.calib)
-
-
-def _quant(a, spec: ModelSpec | None) -> None:
-    from qroar.quant import QuantConfig
-
-    q = QuantConfig(method=a.quant, bits=a.bits, group_size=a.group_size, symmetric=a.sym, scope=a.scope)
-    if spec is not None and not q.is_identity:
-        check_group_size(spec, q.group_size, q.scope)
-    _check_calib(a, q.method)
+def _recipe_quant(recipe, spec: ModelSpec | None, calib: str | None = None, what: str = "--group-size") -> None:
+    """The recipe's group size against the model's widths; its calibration corpus, when it has one, readable."""
+    if spec is not None and recipe.quantized:
+        check_group_size(spec, recipe.quant.group_size, recipe.quant.scope, what)
+    if recipe.calibrated:
+        read_corpus(calib or recipe.calib)
 
 
 def _eval_like(a, spec: ModelSpec | None, docs, lengths, variants: int) -> None:
@@ -386,21 +378,27 @@ def _eval_like(a, spec: ModelSpec | None, docs, lengths, variants: int) -> None:
     EvalConfig(lengths=lengths, stride=a.stride, max_windows_per_doc=a.max_windows, batch_size=a.batch_size)
     forwards = [(sum(windows_count(n, L, spec.bos, a.stride, a.max_windows) for n in toks.sizes), L) for L in lengths]
     secs = estimate_seconds(spec, forwards * variants, a.device)
-    _say(a, plan_line(f"{variants} variants on {len(toks.sizes)} documents of {a.corpus}", forwards, variants, secs))
+    _say(a, plan_line(f"{variants} variant{'s' * (variants != 1)} on {len(toks.sizes)} documents of {a.corpus}",
+                      forwards, variants, secs))
     if secs is not None and secs > HEAVY_SECONDS:
         _say(a, f"  ({'all windows' if a.max_windows is None else f'up to {a.max_windows} windows per document and length'}; "
              "--max-windows N changes that, Ctrl-C stops)")
 
 
 def check_eval(a) -> None:
+    from qroar.recipe import Recipe
+
+    recipe = Recipe.from_args(a)
     lengths = parse_lengths(a.lengths)
     a.max_windows = max_windows(a.max_windows)
     docs = read_corpus(a.corpus)  # before the model: a missing path fails before anything else is read
     spec = read_model(a.model)
-    _quant(a, spec)
+    _recipe_quant(recipe, spec)
     if lengths is None and spec is not None and spec.trained_context:
         lengths = tuple(spec.trained_context * k for k in (1, 4, 8))
-    _eval_like(a, spec, docs, lengths, 1 if a.quant == "none" or a.bits == 16 else 2)
+    # fp; quant with a quantizer; quant_scaled with a quantizer and scales (cli.cmd_eval)
+    variants = 1 + recipe.quantized + (recipe.quantized and recipe.scales is not None)
+    _eval_like(a, spec, docs, lengths, variants)
 
 
 def _scales_model(a, sf) -> str:
@@ -417,30 +415,30 @@ def check_apply(a) -> None:
     sf = load_scales(a.scales)
     docs = read_corpus(a.corpus)
     spec = read_model(_scales_model(a, sf))
-    if spec is not None and sf.quant is not None and not sf.quant.is_identity:
-        check_group_size(spec, sf.quant.group_size, sf.quant.scope, f"{a.scales}: group size")
-    if sf.quant is not None:
-        _check_calib(a, sf.quant.method)
+    _recipe_quant(sf.recipe, spec, a.calib, f"{a.scales}: group size")
     if lengths is None:
         lengths = tuple((sf.raw.get("search") or {}).get("lengths") or ()) or None
         if lengths is None and spec is not None and spec.trained_context:
             lengths = tuple(spec.trained_context * k for k in (1, 4, 8))
-    # fp, quant, fp_scaled, scaled with a quantizer; fp and fp_scaled without
-    _eval_like(a, spec, docs, lengths, 4 if sf.quant is not None and not sf.quant.is_identity else 2)
+    # fp, quant, fp_scaled, quant_scaled with a quantizer; fp and fp_scaled without
+    _eval_like(a, spec, docs, lengths, 4 if sf.recipe.quantized else 2)
 
 
 def check_export(a) -> None:
-    from qroar.export import load_scales
+    from qroar.export import FORMATS, load_scales
 
     sf = load_scales(a.scales)
     spec = read_model(_scales_model(a, sf))
-    if spec is not None and a.quantized and sf.quant is not None and not sf.quant.is_identity:
-        check_group_size(spec, sf.quant.group_size, sf.quant.scope, f"{a.scales}: group size")
+    if FORMATS[a.format].needs_quantizer:
+        _recipe_quant(sf.recipe, spec, a.calib, f"{a.scales}: group size")
 
 
 def check_diagnose(a) -> None:
+    from qroar.recipe import Recipe
+
+    recipe = Recipe.from_args(a)
     spec = read_model(a.model)
-    _quant(a, spec)
+    _recipe_quant(recipe, spec)
     docs = read_corpus(a.corpus)
     toks = tokens_of(a.corpus, docs, spec)
     L = a.capture_length or (2 * spec.trained_context if spec is not None and spec.trained_context else None)
@@ -449,11 +447,14 @@ def check_diagnose(a) -> None:
 
 
 def check_search(a) -> None:
+    from qroar.recipe import Recipe
+
+    recipe = Recipe.from_args(a)
     lengths = parse_lengths(a.lengths)
     weights = parse_weights(a.length_weights, len(lengths)) if lengths else None
     a.max_windows = max_windows(a.max_windows)
     spec = read_model(a.model)
-    _quant(a, spec)
+    _recipe_quant(recipe, spec)
     dev_docs, held_docs = read_corpus(a.dev_corpus), read_corpus(a.heldout_corpus)
     if lengths is None and spec is not None and spec.trained_context:
         lengths = (spec.trained_context, 4 * spec.trained_context)
@@ -471,8 +472,8 @@ def check_search(a) -> None:
     dev_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in dev.sizes), L)
               for L in ((top,) if a.nested else kept)]
     held_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in held.sizes), L) for L in kept]
-    evals = 1 + a.sweeps * a.bands * (a.candidates - 1)
-    evals = evals * (1 + a.folds) + 3  # + fp, quant, scaled on dev
+    evals = 1 + a.sweeps * recipe.bands.n_bands * (a.candidates - 1)
+    evals = evals * (1 + a.folds) + 3  # + fp, quant, quant_scaled on dev
     secs = estimate_seconds(spec, dev_fw * evals + held_fw * 3, a.device)
     _say(a, plan_line(f"search, at most {evals} evaluations on {len(dev.sizes)} dev documents", dev_fw, evals, None)
          + f"; + 3 x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"

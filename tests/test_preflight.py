@@ -190,10 +190,10 @@ def test_cli_bad_group_size_fails_in_seconds(tiny_dir, corpus):
 # ----------------------------------------------------------------------------- windows and the plan
 
 
-def test_eval_and_apply_default_to_two_windows_per_document_and_zero_means_all(tiny_dir, corpus, tmp_path, capsys,
+def test_eval_and_apply_default_to_four_windows_per_document_and_zero_means_all(tiny_dir, corpus, tmp_path, capsys,
                                                                                one_thread):
     p = build_parser()
-    assert p.parse_args(["eval"]).max_windows == 2 and p.parse_args(["apply", "s.json"]).max_windows == 2
+    assert p.parse_args(["eval"]).max_windows == 4 and p.parse_args(["apply", "s.json"]).max_windows == 4
     assert p.parse_args(["search"]).max_windows == 2
     out = tmp_path / "all"
     assert main(["eval", "--model", tiny_dir, "--corpus", corpus["held"], "--lengths", "128", *QUANT,
@@ -211,8 +211,41 @@ def test_plan_estimates_the_time_on_the_cpu(tiny_dir, corpus, capsys):
                                    *QUANT, "--device", "cpu"])
     preflight.check(a, "eval")
     line = capsys.readouterr().out
-    assert line.startswith("plan: 2 variants on 2 documents") and "(4 x 32, 4 x 64)" in line and "on this CPU" in line
-    assert a.max_windows == 2 and a.lengths == "32,64"
+    assert line.startswith("plan: 2 variants on 2 documents") and "(8 x 32, 8 x 64)" in line and "on this CPU" in line
+    assert a.max_windows == 4 and a.lengths == "32,64"
+
+
+def test_plan_counts_the_variants_the_recipe_runs(tiny_dir, corpus, capsys):
+    """eval runs fp, + quant with a quantizer, + quant_scaled with a quantizer and --scales (cli.cmd_eval)."""
+    for extra, n in (([], "2 variants"), (["--bands", "4", "--scales", "1,1.1,0.9,1.2"], "3 variants"), (["--quant", "none"], "1 variant on")):
+        a = build_parser().parse_args(["eval", "--model", tiny_dir, "--corpus", corpus["held"], "--lengths", "32",
+                                       *QUANT, "--device", "cpu", *extra])
+        preflight.check(a, "eval")
+        assert capsys.readouterr().out.startswith(f"plan: {n}")
+
+
+def test_scales_file_group_size_is_checked_before_apply_and_quantized_export(tiny_dir, corpus, tmp_path, monkeypatch,
+                                                                              capsys):
+    from qroar.bands import BandConfig
+    from qroar.export import save_scales
+    from qroar.quant import QuantConfig
+    from qroar.recipe import Recipe
+    from qroar.workbench import Workbench
+
+    wb = Workbench.open(tiny_dir, device="cpu", dtype="fp32")
+    wb.apply(Recipe(quant=QuantConfig(method="rtn", bits=3, group_size=32), bands=BandConfig(4), scales=(1.0, 1.1, 0.9, 1.2)))
+    path = save_scales(tmp_path / "scales.json", wb)
+    d = json.loads(path.read_text())
+    d["quant"]["group_size"] = d["recipe"]["quant"]["group_size"] = 48  # 64 wide layers: no longer divides
+    path.write_text(json.dumps(d))
+    capsys.readouterr()
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc, out = run_fast(["apply", str(path), "--corpus", corpus["held"], "--lengths", "32", "--quiet"], capsys)
+    assert rc == 2 and out.err.startswith(f"error: {path}: group size 48 does not divide the input width 64"), out.err
+    rc, out = run_fast(["export", str(path), "--format", "fake-quant", "--out", str(tmp_path / "ckpt")], capsys)
+    assert rc == 2 and "group size 48 does not divide" in out.err
+    a = build_parser().parse_args(["export", str(path), "--format", "hf", "--out", str(tmp_path / "ckpt")])
+    preflight.check(a, "export")  # full precision: the quantizer is not used
 
 
 def test_bos_rule_without_transformers_matches_the_engine(tiny_dir, tmp_path):
