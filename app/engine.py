@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from app.jobs import DONE, Job, JobQueue, Progress
+from app.runs import RunStore
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -119,6 +120,7 @@ class SessionRecord:
     model_info: dict | None = None  # ModelInfo.to_dict() plus "widths" (input widths per quant scope)
     jobs: dict[str, Job] = field(default_factory=dict)  # last job of each kind
     previous: dict[str, Job] = field(default_factory=dict)  # last successful job of each kind before that
+    runs: RunStore = field(default_factory=RunStore)  # every successful result, named, for comparison
     touched: float = field(default_factory=time.time)
 
 
@@ -161,7 +163,12 @@ class Backend:
         prev = rec.jobs.get(kind)
         if prev is not None and prev.status == DONE:
             rec.previous[kind] = prev  # still shown while the new job runs, or if it fails
-        job = self.queue.submit(kind, rec.token, fn, label=label, meta=meta)
+        model = rec.model_key.to_dict() if rec.model_key else None  # the model the job was submitted on
+
+        def keep(job: Job, result) -> None:  # a successful result becomes one of the session's runs
+            rec.runs.record(kind, result, model=model, job_id=job.id)
+
+        job = self.queue.submit(kind, rec.token, fn, label=label, meta=meta, on_done=keep)
         rec.jobs[kind] = job
         return job
 

@@ -44,6 +44,7 @@ class Job:
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     meta: dict = field(default_factory=dict)  # settings the job ran with, for display and re-attach
+    on_done: Callable[["Job", Any], None] | None = field(default=None, repr=False)  # (job, result) on success
 
     @property
     def is_finished(self) -> bool:
@@ -84,10 +85,11 @@ class JobQueue:
 
     # ------------------------------------------------------------------ submitting and looking up
 
-    def submit(self, kind: str, owner: str, fn: JobFn, label: str = "", meta: dict | None = None) -> Job:
+    def submit(self, kind: str, owner: str, fn: JobFn, label: str = "", meta: dict | None = None,
+               on_done: Callable[[Job, Any], None] | None = None) -> Job:
         with self._lock:
             job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, owner=owner, label=label or kind, fn=fn,
-                      meta=dict(meta or {}))
+                      meta=dict(meta or {}), on_done=on_done)
             self._jobs[job.id] = job
             self._forget_old()
             if self._worker is None or not self._worker.is_alive():
@@ -170,6 +172,11 @@ class JobQueue:
             except Exception as e:  # a bug, not a user error: log it, keep the worker alive
                 log.exception("job %s (%s) crashed", job.id, job.kind)
                 status, error = FAILED, f"Unexpected error ({type(e).__name__}: {e}). This is a bug; the details are in the server log."
+            if status == DONE and job.on_done is not None:  # before the job reads as done, so waiters see its effect
+                try:
+                    job.on_done(job, result)
+                except Exception:  # keeping a record must never lose the result itself
+                    log.exception("job %s (%s): on_done failed", job.id, job.kind)
             with self._lock:
                 self.current = None
                 self._finish(job, status, result, error)
