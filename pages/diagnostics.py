@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import diag_charts as dc, state, widgets as w
+from app import diag_charts as dc, run_views, state, widgets as w
 from app.charts import length_label
 from app.engine import apply_settings, sub_progress
 from app.jobs import DONE
@@ -130,3 +130,5 @@ st.caption("RMS of (quantized - full precision) band logits (q_b . k_b) / sqrt(d
 
 st.download_button("Download all tables (JSON)", res.to_json(), file_name="qroar_diagnostics.json",
                    mime="application/json", icon=":material/download:")
+
+run_views.diagnostics_overlay(mode)  # other diagnostics runs of this session, side by side
