@@ -14,7 +14,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import pandas as pd
@@ -280,6 +280,47 @@ def sections(results: dict[str, Any], s: ReportSettings) -> list[Section]:
     cmds = [c for sec in out for c in sec.code] or [eval_command(s)]
     out.append(Section("Reproduce", "The command lines that recompute these results without the dashboard.", code=tuple(cmds)))
     return out
+
+
+# ----------------------------------------------------------------------------- runs side by side
+
+
+def run_report_settings(run, s: ReportSettings) -> ReportSettings:
+    """The settings a run (app.runs.Run) ran with, as report settings; the session's where the run does not say."""
+    r = run.settings
+    bands = r.get("bands") or {}
+    if "n_bands" not in bands:  # a search records its band edges only
+        bands = {"n_bands": len(bands["edges"]) - 1, "align": s.bands.get("align", "log")} if bands.get("edges") else s.bands
+    return replace(s, model=r.get("model") or s.model, pi=r.get("pi") or s.pi, quant=r.get("quant", s.quant),
+                   corpus=r.get("corpus") or s.corpus, eval=r.get("eval") or s.eval, bands=bands,
+                   scale=r.get("scale") or s.scale, scales=tuple(r["scales"]) if r.get("scales") else s.scales)
+
+
+def run_sections(runs: list, s: ReportSettings) -> list[Section]:
+    """Chosen runs: one section with the settings that differ and the overlays, then one per run with its own
+    settings and its kind's figures, tables and command."""
+    from app.run_charts import OVERLAY_TITLES
+    from app.runs import comparison, runs_table, settings_rows
+
+    diff, figs = comparison(runs)
+    listing = runs_table(runs).drop(columns=["id", "pinned"])
+    out = [Section("Compared runs", f"{len(runs)} runs of this session side by side: "
+                   + "; ".join(OVERLAY_TITLES.get(k, k) for k in figs) + ".", tuple(figs.items()),
+                   (("The runs", listing), ("Settings that differ", diff)))]
+    for run in runs:
+        builder = SECTIONS.get(run.kind)
+        own = builder(run.result, run_report_settings(run, s)) if builder else Section(run.name)
+        when = time.strftime("%H:%M:%S", time.localtime(run.created))
+        out.append(Section(f"Run {run.id}: {run.name}", f"{run.kind.capitalize()} run of {when}. {own.text}".strip(),
+                           own.figures, (("Settings of this run", settings_rows(run.settings)), *own.tables), own.code))
+    return out
+
+
+def with_runs(parts: list[Section], runs: list, s: ReportSettings) -> list[Section]:
+    """A report's sections (sections()) with the chosen runs before Reproduce, which then has their commands too."""
+    body = parts[:-1] + run_sections(runs, s)
+    cmds = tuple(dict.fromkeys(c for sec in body for c in sec.code))
+    return body + [replace(parts[-1], code=cmds or parts[-1].code)]
 
 
 # ----------------------------------------------------------------------------- HTML
