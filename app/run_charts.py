@@ -15,9 +15,9 @@ from plotly.subplots import make_subplots
 from app.charts import FONT, TRAINED_COLOUR, length_label, variant_label
 
 RUN_COLOURS = ("#1f5fae", "#d9622b", "#2a9d5c", "#7b4fa0", "#8c6d31", "#c2185b", "#00838f", "#555555")
-VARIANT_DASH = {"fp": "solid", "quant": "dash", "scaled": "dot", "qroar": "dot", "fp_scaled": "dashdot"}
+VARIANT_DASH = {"fp": "solid", "quant": "dash", "quant_scaled": "dot", "qroar": "dot", "fp_scaled": "dashdot"}
 PANELS_PER_ROW = 4  # side-by-side panels before wrapping to a new row
-EXTRA_LABELS = {"scaled": "quantized + scales", "fp_scaled": "full precision + scales"}
+EXTRA_LABELS = {"quant_scaled": "quantized + scales", "fp_scaled": "full precision + scales"}
 
 
 def run_colour(i: int) -> str:

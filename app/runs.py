@@ -1,6 +1,8 @@
 """Runs: every finished result of a session, named and kept with the settings it ran with, so two of them
 can be compared in one picture ("no PI vs YaRN under 3-bit", "RTN vs AWQ", "before vs after Q-ROAR").
 
+A run's settings are its Recipe (qroar.recipe.Recipe.to_dict) plus the page options it ran with (corpus,
+evaluation, diagnostics or search settings), so two runs differ by the Recipe's own dotted paths.
 A job that finishes successfully becomes a Run (app.engine.Backend.submit hooks the store in); the store
 lives on the session record, so runs survive a reload like results do. RUN_KINDS says, per job kind,
 how to read a result's settings and which comparisons it takes part in: a new kind is one entry there.
@@ -41,31 +43,50 @@ def _pi_label(pi: dict | None) -> str:
     return f"{pi['rope_type']} x{float(pi['factor']):g}"
 
 
+def _settings(recipe, **options) -> dict:
+    """A run's settings: its Recipe (qroar.recipe.Recipe.to_dict), so a difference reads by the Recipe's own
+    dotted paths ("pi.factor", "quant.bits", "scales"), then the page options it ran with."""
+    return {**(recipe if isinstance(recipe, dict) else recipe.to_dict()), **options}
+
+
 def _perplexity_settings(res) -> dict:
-    return dict(res.settings)
+    s = res.settings  # app.engine.perplexity_job: model, pi, quant, corpus, eval, recipe
+    return {"model": s["model"], **_settings(s["recipe"], corpus=s["corpus"], eval=s["eval"])}
 
 
 def _diagnostics_settings(res) -> dict:
     # the model comes from the session (as a ModelKey dict); seconds and document ids are not settings
-    drop = {"model", "device", "dtype", "seconds", "docs"}
-    return {k: v for k, v in res.settings.items() if k not in drop}
+    s = res.settings  # qroar.diagnostics.run_diagnostics, with the recipe app.engine.diagnostics_job ran under
+    return _settings(s["recipe"], corpus=s["corpus"], diag=s["diag"], capture_length=s["capture_length"],
+                     noise_layers=s["noise_layers"], ip_lengths=s["ip_lengths"])
 
 
 def _tune_settings(res) -> dict:
-    if getattr(res, "settings", None):
-        return dict(res.settings)
-    # base_key = (ModelKey, PIConfig, quant_key or QuantConfig, corpus, EvalConfig, max_docs) (app.engine.tune_job)
-    key, pi, q, corpus, eval_cfg, max_docs = res.base_key
-    q = q[0] if isinstance(q, tuple) else q
-    return {"model": key.to_dict(), "pi": pi.to_dict(),
-            "quant": None if q is None or q.is_identity else q.to_dict(), "corpus": corpus,
-            "eval": eval_cfg.to_dict(), "max_docs": max_docs, **res.tuning.to_dict()}
+    # base_key = (ModelKey, PIConfig, quant key, corpus, EvalConfig, max_docs) (app.engine.tune_job)
+    key, _, _, corpus, eval_cfg, max_docs = res.base_key
+    control = bool((res.summary["variant"] == "fp_scaled").any())  # FP + scales evaluated too
+    return {"model": key.to_dict(), **_settings(res.recipe, corpus=corpus, eval=eval_cfg.to_dict(),
+                                                max_docs=max_docs, control=control)}
 
 
 def _search_settings(res) -> dict:
-    s = res.settings  # qroar.search: fingerprint, pi, quant, bands (edges), search, windows, dev/heldout documents
-    return {"pi": s.get("pi"), "quant": s.get("quant"), "bands": {"edges": s.get("bands")},
-            "search": s.get("search"), "windows": s.get("windows")}
+    # the recipe with the windows searched in, as the Report's search command reruns it; the search options
+    w = res.windows.sort_values("band")
+    windows = [[float(lo), float(hi)] for lo, hi in zip(w["g_min"], w["g_max"])]
+    search = {k: v for k, v in res.search_cfg.items() if k != "checkpoint"}
+    return _settings({**res.recipe, "windows": windows}, search=search)
+
+
+def recipe_of(settings: dict):
+    """The qroar.recipe.Recipe part of a run's settings."""
+    from qroar.recipe import Recipe
+
+    return Recipe.from_dict({k: v for k, v in settings.items() if k in Recipe.__dataclass_fields__})
+
+
+def _n_bands(s: dict) -> int | None:
+    edges = s.get("edges")
+    return len(edges) - 1 if edges else (s.get("bands") or {}).get("n_bands")
 
 
 def _same_but_scales(old: dict, new: dict) -> bool:
@@ -95,8 +116,7 @@ RUN_KINDS: dict[str, RunKind] = {
     "diagnostics": RunKind(_diagnostics_settings, diagnostics=lambda r: r.tables,
                            name_extra=lambda s: f"{s.get('capture_length')} tokens"),
     "tune": RunKind(_tune_settings, curves=lambda r: r.summary, name_extra=_tune_name, same_series=_same_but_scales),
-    "search": RunKind(_search_settings, curves=lambda r: r.heldout,
-                      name_extra=lambda s: f"{len((s.get('bands') or {}).get('edges') or [0]) - 1} bands"),
+    "search": RunKind(_search_settings, curves=lambda r: r.heldout, name_extra=lambda s: f"{_n_bands(s)} bands"),
 }
 
 
@@ -121,6 +141,11 @@ class Run:
     pinned: bool = False
     renamed: bool = False  # named by the user: kept apart from the next run of a series
     job_id: str = ""
+
+    @property
+    def recipe(self):
+        """The qroar.recipe.Recipe this run ran with."""
+        return recipe_of(self.settings)
 
     @property
     def curves(self) -> pd.DataFrame | None:
@@ -324,8 +349,8 @@ def runs_diff(runs: list[Run]) -> pd.DataFrame:
 
 def trained_context(runs: list[Run]) -> int | None:
     """The trained context every run that knows one shares (None when they differ or none knows)."""
-    known = {int(t) for r in runs
-             if (t := getattr(r.result, "trained_context", None) or r.settings.get("trained_context"))}
+    known = {int(t) for r in runs if (t := getattr(r.result, "trained_context", None)
+                                      or (getattr(r.result, "settings", None) or {}).get("trained_context"))}
     return known.pop() if len(known) == 1 else None
 
 

@@ -4,8 +4,9 @@ of a tiny random Llama computed through the app's own Backend and job functions.
 import html
 import random
 import re
+import shlex
 import sys
-import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,15 +17,16 @@ from conftest import TEXT, save_tiny
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import report, run_charts  # noqa: E402
-from app.engine import Backend, ModelKey, Tuning, apply_settings, perplexity_job, sub_progress, tune_job  # noqa: E402
+from app.engine import Backend, ModelKey, diagnostics_job, perplexity_job, search_job, tune_job  # noqa: E402
 from app.runs import (  # noqa: E402
     MISSING, RunStore, auto_name, comparison, curves_frame, diagnostics_frame, flatten, runs_table, settings_diff,
 )
 from qroar.bands import BandConfig  # noqa: E402
-from qroar.diagnostics import DiagConfig, run_diagnostics  # noqa: E402
+from qroar.diagnostics import DiagConfig  # noqa: E402
 from qroar.errors import ConfigError, DataError  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
+from qroar.recipe import Recipe  # noqa: E402
 from qroar.rescale import ScaleConfig  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 
@@ -35,16 +37,13 @@ EVAL = EvalConfig(lengths=(32, 96), max_windows_per_doc=1)
 CORPORA = {}  # dev, held: small folders written by the session fixture
 
 
-def diagnostics_job(backend, key, pi, quant):
-    """What the Diagnostics page submits: this session's PI and quantizer, then every diagnostic."""
-    def run(progress, cancel):
-        entry = backend.models.get(key)
-        with entry.wb.lock:
-            apply_settings(entry, pi, quant, CORPORA["dev"], None, cancel)
-            return run_diagnostics(entry.wb, CORPORA["dev"], DiagConfig(bands=BandConfig(4), capture_length=128,
-                                                                        n_docs=1, noise_pairs=16),
-                                   sub_progress(progress, 0.3, 1.0), cancel)
-    return run
+DIAG = DiagConfig(bands=BandConfig(4), capture_length=128, n_docs=1, noise_pairs=16)
+
+
+def recipe(pi=YARN, quant=W3, scales=None) -> Recipe:
+    """The session's Recipe: 4 bands, shared mode before quantization, calibrated on the dev folder."""
+    return Recipe(pi=pi, quant=quant, calib=CORPORA.get("dev", "embedded:dev"), bands=BandConfig(4),
+                  scale=ScaleConfig("shared", "before"), scales=scales)
 
 
 def _corpus(folder: Path, n: int) -> str:
@@ -66,20 +65,22 @@ def session(tmp_path_factory):
     rec = backend.registry.session("lecture")
     rec.model_key = key
     for pi in (NO_PI, YARN):
-        backend.submit(rec, "perplexity", perplexity_job(backend, key, pi, W3, CORPORA["held"], EVAL, calib=CORPORA["dev"]))
-        backend.submit(rec, "diagnostics", diagnostics_job(backend, key, pi, W3))
+        backend.submit(rec, "perplexity", perplexity_job(backend, key, recipe(pi), CORPORA["held"], EVAL))
+        backend.submit(rec, "diagnostics", diagnostics_job(backend, key, recipe(pi), CORPORA["dev"], DIAG))
     backend.queue.wait_idle(timeout=300)
     yield backend, rec, key
     backend.queue.shutdown()
 
 
-def _fake(settings: dict) -> SimpleNamespace:
-    """A perplexity-like result: the store reads only its settings."""
-    return SimpleNamespace(settings=settings, summary=pd.DataFrame(columns=["variant", "length", "ppl"]))
+def _fake(factor: float) -> SimpleNamespace:
+    """A full-precision perplexity-like result under YaRN x`factor`: the store reads only its settings."""
+    r = Recipe(pi=_pi(factor), quant=QuantConfig(method="none"))
+    return SimpleNamespace(settings={"model": {"name": "m"}, "recipe": r.to_dict(), "corpus": "c", "eval": EVAL.to_dict()},
+                           summary=pd.DataFrame(columns=["variant", "length", "ppl"]))
 
 
-def _pi(factor: float) -> dict:
-    return YARN.to_dict() | {"factor": factor}
+def _pi(factor: float) -> PIConfig:
+    return replace(YARN, factor=float(factor))
 
 
 # ----------------------------------------------------------------------------- the store
@@ -92,10 +93,13 @@ def test_each_finished_job_is_a_named_run_with_its_settings(session):
     assert [r.id for r in runs] == ["r1", "r2", "r3", "r4"]
     assert runs[0].name == "perplexity · no PI · rtn w3 g32" and runs[2].name == "perplexity · yarn x2 · rtn w3 g32"
     assert runs[1].name == "diagnostics · no PI · rtn w3 g32 · 128 tokens"
-    assert runs[2].settings == runs[2].result.settings  # the job's own settings: model, pi, quant, corpus, eval
-    assert runs[2].settings["pi"] == YARN.to_dict() and runs[2].settings["quant"] == W3.to_dict()
+    # the run's settings: the model, its Recipe (no scales: perplexity and diagnostics measure without), the options
+    assert runs[2].settings == {"model": key.to_dict(), **recipe().to_dict(), "corpus": CORPORA["held"],
+                                "eval": EVAL.to_dict()}
+    assert runs[2].recipe == recipe() and runs[0].recipe == recipe(NO_PI)
     d = runs[3].settings
     assert d["model"] == key.to_dict() and d["pi"] == YARN.to_dict() and d["capture_length"] == 128
+    assert runs[3].recipe == recipe() and d["diag"]["n_docs"] == 1 and d["corpus"] == CORPORA["dev"]
     assert "seconds" not in d and "docs" not in d  # not settings: they differ between any two runs
     assert runs[3].result is rec.jobs["diagnostics"].result and runs[3].job_id == rec.jobs["diagnostics"].id
 
@@ -109,14 +113,14 @@ def test_failed_cancelled_and_load_jobs_are_not_runs():
 
     def cancelled(progress, cancel):
         cancel.set()
-        return _fake({"pi": _pi(2.0)})
+        return _fake(2.0)
 
     jobs = [backend.submit(rec, "perplexity", fails), backend.submit(rec, "perplexity", cancelled),
             backend.submit(rec, "load", lambda p, c: {"name": "m"})]
     backend.queue.wait_idle(timeout=10)
     assert [j.status for j in jobs] == ["failed", "cancelled", "done"]
     assert rec.runs.runs() == []
-    backend.submit(rec, "perplexity", lambda p, c: _fake({"pi": _pi(4.0), "quant": None}))
+    backend.submit(rec, "perplexity", lambda p, c: _fake(4.0))
     backend.queue.wait_idle(timeout=10)
     assert [r.name for r in rec.runs.runs()] == ["perplexity · yarn x4 · fp"]
     backend.queue.shutdown()
@@ -124,24 +128,24 @@ def test_failed_cancelled_and_load_jobs_are_not_runs():
 
 def test_store_is_bounded_and_drops_the_oldest_unpinned_run_first():
     store = RunStore(max_runs=3)
-    runs = [store.record("perplexity", _fake({"pi": _pi(f)})) for f in (2, 3, 4)]
+    runs = [store.record("perplexity", _fake(f)) for f in (2, 3, 4)]
     store.pin(runs[0].id)
     store.choose([runs[1].id, runs[2].id])
-    store.record("perplexity", _fake({"pi": _pi(5)}))
+    store.record("perplexity", _fake(5))
     assert [r.name for r in store.runs()] == ["perplexity · yarn x2 · fp", "perplexity · yarn x4 · fp",
                                               "perplexity · yarn x5 · fp"]
     assert store.chosen == [runs[2].id]  # a dropped run leaves the comparison too
     with pytest.raises(ConfigError, match="no longer kept"):
         store.get(runs[1].id)
     store.pin(runs[0].id, False)
-    store.record("perplexity", _fake({"pi": _pi(6)}))
+    store.record("perplexity", _fake(6))
     assert runs[0] not in store.runs() and len(store) == 3
 
 
 def test_rename_delete_and_unique_names():
     store = RunStore()
-    a = store.record("perplexity", _fake({"pi": _pi(2)}))
-    b = store.record("perplexity", _fake({"pi": _pi(2)}))
+    a = store.record("perplexity", _fake(2))
+    b = store.record("perplexity", _fake(2))
     assert (a.name, b.name) == ("perplexity · yarn x2 · fp", "perplexity · yarn x2 · fp (2)")  # legends tell them apart
     store.rename(a.id, "  YaRN   under 3-bit ")
     assert a.name == "YaRN under 3-bit" and a.renamed
@@ -162,11 +166,9 @@ def test_tune_moves_on_one_setup_update_one_run_until_it_is_renamed(session):
     backend, _, key = session
     rec = backend.registry.session("tuning")
     rec.model_key = key
-    tuning = Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.0, 1.0, 1.0, 1.0))
 
     def tune(scales, quant=W3):
-        backend.submit(rec, "tune", tune_job(backend, key, YARN, quant, CORPORA["held"], EVAL,
-                                             Tuning(tuning.bands, tuning.scale, scales), calib=CORPORA["dev"]))
+        backend.submit(rec, "tune", tune_job(backend, key, recipe(quant=quant, scales=scales), CORPORA["held"], EVAL))
         backend.queue.wait_idle(timeout=120)
         return rec.runs.runs()
 
@@ -175,10 +177,13 @@ def test_tune_moves_on_one_setup_update_one_run_until_it_is_renamed(session):
     moved = tune((1.0, 1.1, 1.0, 1.2))
     assert moved == first and moved[0].settings["scales"] == [1.0, 1.1, 1.0, 1.2]
     assert moved[0].name == "tune · yarn x2 · rtn w3 g32 · 4 bands, 2 scaled"
-    assert set(moved[0].settings) >= {"model", "pi", "quant", "corpus", "eval", "bands", "scale", "scales"}
+    assert moved[0].settings == {"model": key.to_dict(), **recipe(scales=(1.0, 1.1, 1.0, 1.2)).to_dict(),
+                                 "corpus": CORPORA["held"], "eval": EVAL.to_dict(), "max_docs": 0, "control": False}
     rec.runs.rename(moved[0].id, "before Q-ROAR")
     after = tune((1.0, 0.9, 1.0, 1.2))
     assert [r.name for r in after] == ["before Q-ROAR", "tune · yarn x2 · rtn w3 g32 · 4 bands, 2 scaled"]
+    diff = comparison(after)[0].set_index("setting")  # by the Recipe's own dotted paths: only the scales moved
+    assert diff.to_dict("index") == {"scales": {"before Q-ROAR": "[1.0, 1.1, 1.0, 1.2]", after[1].name: "[1.0, 0.9, 1.0, 1.2]"}}
     other = tune((1.0, 0.9, 1.0, 1.2), QuantConfig(method="rtn", bits=4, group_size=32, seq_len=64, n_samples=2))
     assert len(other) == 3 and other[-1].settings["quant"]["bits"] == 4  # another set-up: a run of its own
 
@@ -232,10 +237,13 @@ def test_runs_table_lists_newest_first_with_key_settings(session):
 
 def test_auto_names_follow_the_settings():
     q = W3.to_dict()
-    assert auto_name("perplexity", {"pi": _pi(8), "quant": {**q, "group_size": 64}}) == "perplexity · yarn x8 · rtn w3 g64"
+    assert auto_name("perplexity", {"pi": _pi(8).to_dict(), "quant": {**q, "group_size": 64}}) == "perplexity · yarn x8 · rtn w3 g64"
     assert auto_name("perplexity", {"pi": NO_PI.to_dict(), "quant": {**q, "group_size": 0, "symmetric": True}}) \
         == "perplexity · no PI · rtn w3 ch sym"
-    assert auto_name("search", {"pi": _pi(2), "quant": None, "bands": {"edges": [0, 2, 4, 8]}}) == "search · yarn x2 · fp · 3 bands"
+    assert auto_name("search", {"pi": _pi(2).to_dict(), "quant": {"method": "none"}, "bands": {"n_bands": 8},
+                                "edges": [0, 2, 4, 8]}) == "search · yarn x2 · fp · 3 bands"  # explicit edges count
+    assert auto_name("search", {"pi": NO_PI.to_dict(), "quant": q, "bands": {"n_bands": 4}, "edges": None}) \
+        == "search · no PI · rtn w3 g32 · 4 bands"
 
 
 # ----------------------------------------------------------------------------- overlay charts
@@ -293,7 +301,7 @@ def test_report_with_two_runs_has_their_settings_figures_and_differences(session
     _, rec, key = session
     p1, _, p2, _ = rec.runs.runs()
     rec.runs.rename(p1.id, "no PI, 3-bit")
-    settings = report.ReportSettings(model=key.to_dict(), pi=YARN.to_dict(), quant=W3.to_dict(), corpus=CORPORA["held"],
+    settings = report.ReportSettings(model=key.to_dict(), recipe=recipe().to_dict(), corpus=CORPORA["held"],
                                      eval=EVAL.to_dict())
     parts = report.with_runs(report.sections({"perplexity": p2.result}, settings), [p1, p2], settings)
     titles = [p.title for p in parts]
@@ -304,8 +312,10 @@ def test_report_with_two_runs_has_their_settings_figures_and_differences(session
     assert list(diff.columns) == ["setting", "no PI, 3-bit", p2.name] and "pi.rope_type" in set(diff.setting)
     own = dict(parts[3].tables)
     assert own["Settings of this run"].set_index("setting").loc["pi.rope_type", "value"] == "default"
-    # each run's command reproduces that run, not the session's settings
+    # each run's command reproduces that run (its own recipe.to_args()), not the session's settings
     assert "--pi" not in parts[3].code[0] and "--pi yarn" in parts[4].code[0]
+    flat = " ".join(parts[3].code[0].replace("\\\n", " ").split())
+    assert shlex.join(p1.recipe.to_args()) in flat and "--bits 3" in flat
     assert parts[-1].code == (parts[1].code[0], parts[3].code[0])  # the session's run is run r3: one command each
     page = report.build_html(parts)
     assert all(f"<h2>{html.escape(p.title)}</h2>" in page for p in parts)
@@ -315,7 +325,6 @@ def test_report_with_two_runs_has_their_settings_figures_and_differences(session
 
 
 def test_a_search_is_a_run_and_its_report_section_reproduces_it(session):
-    from app.engine import search_job
     from qroar.search import SearchConfig
 
     backend, _, key = session
@@ -325,14 +334,15 @@ def test_a_search_is_a_run_and_its_report_section_reproduces_it(session):
     windows = pd.DataFrame({"band": range(4), "g_min": [0.9] * 4, "g_max": [1.1] * 4, "reason": ["given"] * 4})
     cfg = SearchConfig(n_candidates=5, lengths=(32,), dev_corpus=corpora["dev"], heldout_corpus=corpora["held"],
                        max_windows_per_doc=1)
-    tuning = Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.0,) * 4)
-    backend.submit(rec, "search", search_job(backend, key, YARN, W3, tuning, windows, cfg, calib=corpora["dev"]))
+    backend.submit(rec, "search", search_job(backend, key, recipe(), windows, cfg))
     backend.queue.wait_idle(timeout=300)
     (run,) = rec.runs.runs()
     assert run.name == "search · yarn x2 · rtn w3 g32 · 4 bands" and run.settings["model"] == key.to_dict()
     assert run.settings["search"]["lengths"] == [32] and run.settings["windows"] == [[0.9, 1.1]] * 4
-    assert set(run.curves.variant) == {"fp", "quant", "scaled"}
-    s = report.ReportSettings(model=key.to_dict(), pi=NO_PI.to_dict(), quant=None, corpus=CORPORA["held"], eval=EVAL.to_dict())
+    assert run.settings["scales"] == run.result.scales and "checkpoint" not in run.settings["search"]
+    assert set(run.curves.variant) == {"fp", "quant", "quant_scaled", "fp_scaled"}  # the held-out control too
+    s = report.ReportSettings(model=key.to_dict(), recipe=recipe(NO_PI, QuantConfig(method="none")).to_dict(),
+                              corpus=CORPORA["held"], eval=EVAL.to_dict())
     (section,) = report.run_sections([run], s)[1:]
     assert [n for n, _ in section.figures][0] == "search_scales"
     cmd = section.code[0]
