@@ -271,6 +271,7 @@ def perplexity_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval
                     "corpus": corpus, "eval": eval_cfg.to_dict()}
         return PerplexityResult(table, summarize_variants(table), settings, int(entry.wb.info.trained_context),
                                 time.time() - t0)
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -421,6 +422,7 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             table = pd.concat([base.table[keep], table], ignore_index=True)
         return TuneResult(table, summarize_variants(table), base_key, tuning, note, quantized, reuse,
                           int(entry.wb.info.trained_context), time.time() - t0)
+    run.work_from = 0.2  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -436,6 +438,7 @@ def search_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, windo
             _prepare(entry, pi, quant, start, calib, progress, cancel, 0.1)
             cols = windows[["band", "g_min", "g_max", "reason"]].reset_index(drop=True)
             return search(entry.wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
+    run.work_from = 0.1  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 

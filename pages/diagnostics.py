@@ -25,6 +25,7 @@ def diagnostics_job(backend, key, pi, quant, corpus: str, cfg: DiagConfig, calib
         with entry.wb.lock:
             apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, 0.3), cancel)
             return run_diagnostics(entry.wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 

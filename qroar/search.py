@@ -286,7 +286,8 @@ class Checkpoint:
 @dataclass
 class SearchResult:
     """scales: chosen per band. dev / heldout: one row per (variant, length): log_ppl, ppl, tokens.
-    objective: weighted objective per (split, variant). history: every candidate tried."""
+    objective: weighted objective per (split, variant). history: every candidate tried, with the
+    incumbent's objective and the unscaled model's short log-ppl on the same documents."""
 
     scales: list[float]
     scale_cfg: ScaleConfig
@@ -303,6 +304,13 @@ class SearchResult:
     reused: int = 0  # taken from the checkpoint
     doc_evaluations: int = 0  # documents evaluated in this run (one forward each per window and length; nested: per window)
     seconds: float = 0.0
+    budget: int = 0  # the most the progress announced, in `unit`
+    unit: str = "evaluations"  # what the progress counted: racing counts document evaluations
+
+    @property
+    def spent(self) -> int:
+        """What this run computed, in `unit` (never more than `budget`)."""
+        return self.doc_evaluations if self.unit == "document evaluations" else self.evaluations
 
     @property
     def gain_is_noise(self) -> bool:
@@ -321,7 +329,7 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
-            "doc_evaluations": self.doc_evaluations,
+            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit,
         }
 
 
@@ -346,6 +354,7 @@ class _Run:
             self.eval_short, self.eval_rest = self.eval_all, None
         self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
         self.doc_evals = 0
+        self.unit = "document evaluations" if cfg.race else "evaluations"  # racing counts per document
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
         self.scaled, self.base = scaled, base
         self.t0, self.fresh_seconds = time.time(), 0.0
@@ -353,10 +362,9 @@ class _Run:
         self.gathered: set[str] = set()  # keys computed by the processes of `parallel` in this run
 
     def _report(self, msg: str) -> None:
-        frac = min(self.done / self.total, 1.0)
-        per = self.fresh_seconds / self.fresh if self.fresh else float("nan")
-        eta = per * (self.total - self.done)
-        self.progress(frac, f"{msg} (eta {eta:.0f}s)" if math.isfinite(eta) else msg)
+        # the count and its announced total in one unit; the time left is the progress bar's to say
+        bound = "at most " if self.cfg.race else ""
+        self.progress(min(self.done / self.total, 1.0), f"{self.done} of {bound}{self.total} {self.unit} · {msg}")
 
     def _check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -507,7 +515,8 @@ def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: lis
             e = run.entry(sub, trial, f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g} on {n} documents")
             ok = e["short_log_ppl"] <= limit
             rows[g] = dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"] if ok else None,
-                           short_log_ppl=e["short_log_ppl"], guard_ok=ok, docs=n)
+                           short_log_ppl=e["short_log_ppl"], guard_ok=ok, docs=n,
+                           incumbent_objective=inc["objective"], unscaled_short_log_ppl=base["short_log_ppl"])
             if ok and e["objective"] < inc["objective"]:
                 scored.append((e["objective"], g))
         scored.sort()
@@ -548,7 +557,8 @@ def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list
             for g, e in zip(gs, entries):
                 better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
                 history.append(dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"],
-                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids)))
+                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids),
+                                    incumbent_objective=best["objective"], unscaled_short_log_ppl=base["short_log_ppl"]))
                 if better:
                     best, keep = e, g
             current[b] = keep
@@ -654,7 +664,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             raise
         wb.set_scales(scales, cfg.scale_cfg)
         if cfg.race and progress is not None:
-            progress(1.0, f"done: {run.fresh} evaluations")  # the budget is an upper bound racing rarely spends
+            progress(1.0, f"done: {run.done} of at most {run.total} {run.unit}")  # an upper bound racing rarely spends
     folds = None
     if cfg.k_folds:
         f = pd.DataFrame(fold_rows)
@@ -662,12 +672,13 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
     return SearchResult(
         scales=[float(g) for g in scales], scale_cfg=cfg.scale_cfg, windows=win_table, candidates=cands,
-        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs"]),
+        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs",
+                                               "incumbent_objective", "unscaled_short_log_ppl"]),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
         note=wb.invariance_note(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
-        doc_evaluations=run.doc_evals,
+        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit,
     )
 
 
