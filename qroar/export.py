@@ -21,12 +21,12 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qroar.errors import ConfigError, ScalesFileError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the Recipe under "recipe" (the flat keys of version 1 are kept, written from it)
 KIND = "qroar-scales"
 
 
@@ -109,8 +109,9 @@ def scales_payload(wb, result=None) -> dict:
     if wb.scales is None:
         raise ConfigError("No scales are set: run a search or set scales before saving them.")
     rec = lambda df: None if df is None else json.loads(df.to_json(orient="records"))  # noqa: E731
+    recipe = wb.recipe if wb.qstate is not None else replace(wb.recipe, quant=None)
     return {
-        "schema_version": SCHEMA_VERSION, "kind": KIND,
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "recipe": recipe.to_dict(),
         "model": _model_identity(wb),
         "rope": {"pi": wb.pi.to_dict(), "rope_parameters": rope.rope_parameters(wb.model.config)},
         "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
@@ -121,7 +122,8 @@ def scales_payload(wb, result=None) -> dict:
         "dev": rec(result.dev) if result is not None else None,
         "heldout": rec(result.heldout) if result is not None else None,
         "note": wb.invariance_note(),
-        "search": result.settings.get("search") if result is not None else None,
+        "search": result.search_cfg if result is not None else None,
+        "source": "search" if result is not None else "scales set by hand",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "qroar_version": __version__,
     }
 
@@ -144,6 +146,7 @@ class ScalesFile:
     model: dict
     objective: dict | None
     raw: dict
+    recipe: object = None  # qroar.recipe.Recipe: what `Workbench.apply` puts on the model
 
 
 _REQUIRED = {"schema_version": int, "model": dict, "rope": dict, "quant": (dict, type(None)), "bands": dict,
@@ -230,8 +233,17 @@ def load_scales(path, wb=None) -> ScalesFile:
         raise ScalesFileError(f"Scales file {path} holds an invalid setting: {e}") from e
     if band_cfg.n_bands != n_bands:
         raise ScalesFileError(f"Scales file {path} says {band_cfg.n_bands} bands but its edges give {n_bands}; it is corrupted.")
+    from qroar.recipe import Recipe
+
+    try:
+        recipe = (Recipe.from_dict(d["recipe"]) if isinstance(d.get("recipe"), dict) else None) or Recipe(
+            pi=pi, quant=quant, calib=(d.get("calib") or "embedded:dev"), bands=band_cfg, edges=tuple(edges),
+            scale=scale_cfg, scales=tuple(float(g) for g in scales))
+    except (_CE, TypeError, ValueError) as e:
+        raise ScalesFileError(f"Scales file {path} holds an invalid recipe: {e}") from e
+    recipe = replace(recipe, edges=tuple(edges), scales=tuple(float(g) for g in scales))
     sf = ScalesFile(tuple(float(g) for g in scales), scale_cfg, band_cfg, tuple(edges), pi, quant, d["model"],
-                    d.get("objective"), d)
+                    d.get("objective"), d, recipe)
     if wb is not None:
         check_model(sf, wb, path)
     return sf
@@ -260,13 +272,10 @@ def apply_scales(wb, sf: ScalesFile, quantize: bool = True, calib_corpus: str | 
     """Put a scales file's PI, quantizer (if asked; after the PI, which GPTQ/AWQ calibration sees),
     bands and scales on a workbench."""
     check_model(sf, wb)
-    with wb.lock:
-        if wb.pi != sf.pi:
-            wb.set_pi(sf.pi)
-        if quantize and wb.quant_cfg != sf.quant:
-            wb.set_quant(sf.quant, calib_corpus=calib_corpus, progress=progress, cancel=cancel)
-        wb.set_bands(sf.band_cfg, edges=sf.edges)
-        wb.set_scales(list(sf.scales), sf.scale_cfg)
+    recipe = sf.recipe if quantize else replace(sf.recipe, quant=None)
+    if calib_corpus:
+        recipe = replace(recipe, calib=calib_corpus)
+    wb.apply(recipe, progress=progress, cancel=cancel)
 
 
 # ----------------------------------------------------------------------------- folded checkpoint
@@ -276,7 +285,7 @@ def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: di
     """Write a Hugging Face folder with the scales folded in; returns its path.
 
     quantized=False: full-precision weights with the scales folded in (quantize it with your own
-    tool). quantized=True: the fake-quantized scaled weights the workbench evaluates ("scaled").
+    tool). quantized=True: the fake-quantized scaled weights the workbench evaluates ("quant_scaled").
     The config carries the PI rope_parameters in force; `qroar_scales.json` records the scales
     (`meta`, e.g. the scales file it came from, or the workbench's own settings).
     """
@@ -287,7 +296,7 @@ def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: di
         # the export replaces the folder whole: never someone's other files
         raise ConfigError(f"{folder} exists and is not an earlier qroar export; choose a new or empty folder.")
     scaled = wb.scales is not None
-    variant = ("scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
+    variant = ("quant_scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
@@ -301,3 +310,51 @@ def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: di
         return atomic_replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One entry of FORMATS: a new file format is one function and one line there.
+
+    write(wb, path, result=None, meta=None, **options) -> Path of what it wrote, from the workbench's
+    applied recipe. needs_quantizer: refuses a recipe without one. folder: writes a folder (else one file).
+    """
+
+    write: object
+    label: str
+    needs_quantizer: bool = False
+    folder: bool = True
+
+
+def _write_scales(wb, path, result=None, meta=None, **options) -> Path:
+    return save_scales(path, wb, result)
+
+
+def _write_hf(wb, path, result=None, meta=None, **options) -> Path:
+    return export_checkpoint(wb, path, quantized=False, result=result, meta=meta, **options)
+
+
+def _write_fake_quant(wb, path, result=None, meta=None, **options) -> Path:
+    return export_checkpoint(wb, path, quantized=True, result=result, meta=meta, **options)
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "hf": ExportFormat(_write_hf, "Hugging Face folder, full-precision weights with the scales folded in"),
+    "fake-quant": ExportFormat(_write_fake_quant, "Hugging Face folder, fake-quantized scaled weights (full-precision storage)",
+                               needs_quantizer=True),
+    "scales": ExportFormat(_write_scales, "scales file (JSON): the recipe and the search's results", folder=False),
+}
+
+
+def export(wb, fmt: str, path, result=None, meta=None, **options) -> Path:
+    """Write the workbench's applied recipe in format `fmt` (a key of FORMATS)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    f = FORMATS[fmt]
+    if f.needs_quantizer and wb.qstate is None:
+        raise ConfigError(f"The {fmt} format stores quantized weights, and no quantizer is set: choose a quantizer, "
+                          "or the hf format for full precision.")
+    return f.write(wb, path, result=result, meta=meta, **options)

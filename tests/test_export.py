@@ -38,7 +38,7 @@ def saved(wb, tmp_path):
 
 def test_scales_file_round_trip(wb, saved):
     d = json.loads(saved.read_text())
-    assert d["schema_version"] == 1 and d["model"]["fingerprint"] == wb.info.fingerprint
+    assert d["schema_version"] == 2 and d["model"]["fingerprint"] == wb.info.fingerprint
     assert d["rope"]["rope_parameters"]["rope_type"] == "linear" and d["bands"]["edges"] == [0, 2, 4, 6, 8]
     for key in ("created_at", "qroar_version", "objective", "dev", "heldout", "quant", "mode", "order"):
         assert key in d
@@ -49,11 +49,11 @@ def test_scales_file_round_trip(wb, saved):
 
 def test_apply_scales_on_a_fresh_workbench_gives_the_same_model(wb, saved, tmp_path):
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with wb.variant("scaled"), torch.no_grad():
+    with wb.variant("quant_scaled"), torch.no_grad():
         ref = wb.model(ids).logits
     fresh = Workbench.open(wb.info.source, device="cpu", dtype="fp32")
     apply_scales(fresh, load_scales(saved, fresh))
-    with fresh.variant("scaled"), torch.no_grad():
+    with fresh.variant("quant_scaled"), torch.no_grad():
         assert torch.equal(fresh.model(ids).logits, ref)
 
 
@@ -81,7 +81,7 @@ def _rewrite(path, **changes):
     (lambda p: p.write_text(p.read_text().replace("0.9", "Infinity", 1)), "band 3"),
     (lambda p: _rewrite(p, scales=[1.0, 1.0, 1.0]), "3 scales for 4 bands"),
     (lambda p: _rewrite(p, mode="sideways"), "invalid setting"),
-    (lambda p: _rewrite(p, schema_version=2), "newer qroar.*upgrade"),
+    (lambda p: _rewrite(p, schema_version=3), "newer qroar.*upgrade"),
 ])
 def test_bad_scales_files_raise_clear_errors(saved, edit, match):
     edit(saved)
@@ -111,7 +111,7 @@ def test_save_is_atomic(wb, saved, monkeypatch):
     assert saved.read_text() == before and sorted(p.name for p in saved.parent.iterdir() if p.suffix == ".tmp") == []
 
 
-@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "scaled")])
+@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "quant_scaled")])
 def test_exported_checkpoint_reloads_with_the_same_perplexity(wb, tmp_path, quantized, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,4 +139,4 @@ def test_quantized_export_needs_a_quantizer(wb, tmp_path):
     with pytest.raises(ConfigError, match="quantizer"):
         export_checkpoint(wb, tmp_path / "x", quantized=True)
     assert not (tmp_path / "x").exists()
-    assert export.SCHEMA_VERSION == 1
+    assert export.SCHEMA_VERSION == 2
