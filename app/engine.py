@@ -257,6 +257,7 @@ def perplexity_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cf
         settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict(),
                     "corpus": corpus, "eval": eval_cfg.to_dict(), "recipe": r.to_dict()}
         return PerplexityResult(table, summarize_variants(table), settings, int(wb.info.trained_context), time.time() - t0)
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -274,6 +275,7 @@ def diagnostics_job(backend: Backend, key: ModelKey, recipe, corpus: str, cfg):
             res = run_diagnostics(wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
         res.settings["recipe"] = r.to_dict()  # what the diagnostics ran under, as the other results carry it
         return res
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -356,6 +358,7 @@ def tune_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg, bas
             table = pd.concat([base.table[keep], table], ignore_index=True)
         return TuneResult(table, summarize_variants(table), base_key, applied, note, quantized, reuse,
                           int(wb.info.trained_context), time.time() - t0)
+    run.work_from = 0.2  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -369,6 +372,7 @@ def search_job(backend: Backend, key: ModelKey, recipe, windows: pd.DataFrame, c
             wb = _on_model(backend, key, recipe.with_scales([1.0] * n), progress, cancel, 0.1)
             cols = windows[["band", "g_min", "g_max", "reason"]].reset_index(drop=True)
             return search(wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
+    run.work_from = 0.1  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 

@@ -240,8 +240,10 @@ def search_section(res, s: ReportSettings) -> Section:
     if {"quant", "quant_scaled"} <= set(held.columns):
         held["scaled vs PTQ %"] = 100 * (held["quant_scaled"] / held["quant"] - 1)
     windows = res.windows.assign(scale=res.scales)
-    text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.evaluations} evaluations, "
+    text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.spent} {res.unit}, "
             f"{res.seconds:.1f} s).")
+    if len(figs) > 1:
+        text += f" Search trace: {qroar_charts.TRACE_CAPTION}"
     if res.note:
         text += f" Note: {res.note} The change is rounding noise, not a gain."
     tables = [("Held-out perplexity (documents the search never saw)", held), ("Windows and chosen scales", windows)]

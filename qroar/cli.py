@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from qroar.errors import QroarError
+from qroar.progress import Estimator, format_seconds
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -107,19 +108,22 @@ def lengths_from_args(a, trained_context: int) -> tuple[int, ...]:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr with the time left."""
+    """A one-line progress bar on stderr with the time left (qroar.progress, as in the dashboard)."""
 
     def __init__(self, quiet=False):
-        self.t0, self.quiet = time.time(), quiet
+        self.t0, self.quiet, self.estimate = time.time(), quiet, Estimator()
+        self.estimate.update(0.0, self.t0)
 
     def __call__(self, frac: float, msg: str = "") -> None:
         if self.quiet:
             return
         frac = min(max(frac, 0.0), 1.0)
+        self.estimate.update(frac)
         el = time.time() - self.t0
-        eta = el / frac * (1 - frac) if frac > 0.01 else float("nan")
+        left = self.estimate.seconds_left()
+        left = "estimating..." if left is None else f"{format_seconds(left)} left"
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  eta {eta:6.1f}s  {msg[:50]:<50}")
+        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  {left:<16}  {msg[:72]:<72}")
         if frac >= 1.0:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -294,7 +298,8 @@ def cmd_search(a) -> int:
     if ranks.world_size > 1:
         print(f"candidates spread over {ranks.world_size} processes")
     print(format_result(result))
-    print(f"{result.evaluations} evaluations in {result.seconds:.1f}s ({result.reused} reused from the checkpoint)")
+    print(f"{result.spent} {result.unit} (at most {result.budget}) in {result.seconds:.1f}s "
+          f"({result.reused} reused from the checkpoint)")
     if a.out:
         if result.note:
             print(f"not writing {a.out}: these settings cannot change the model, so there are no scales to save")
