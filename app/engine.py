@@ -555,13 +555,14 @@ class CheckpointExport:
 
 
 def checkpoint_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, folder, quantized: bool,
-                   result=None, calib: str = "embedded:dev"):
+                   result=None, calib: str = "embedded:dev", overwrite: bool = False):
     """qroar.export.export_checkpoint: the scales folded into full-precision (or fake-quantized) weights."""
     def run(progress: Progress, cancel: threading.Event) -> CheckpointExport:
-        from qroar.export import export_checkpoint
+        from qroar.export import check_target, export_checkpoint
 
         t0 = time.time()
         target = check_export_folder(str(folder))
+        check_target(target, overwrite)  # before the quantizer's calibration
         entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
         with entry.wb.lock:
             _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.5)
@@ -570,7 +571,7 @@ def checkpoint_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, f
 
                 raise Cancelled("Export cancelled before anything was written.")
             progress(0.5, f"writing {target}")
-            path = export_checkpoint(entry.wb, target, quantized=quantized, result=result)
+            path = export_checkpoint(entry.wb, target, quantized=quantized, result=result, overwrite=overwrite)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         return CheckpointExport(str(path), files, quantized, size, load_snippet(path), time.time() - t0)

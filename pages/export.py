@@ -11,6 +11,7 @@ from app.jobs import DONE
 from qroar.errors import QroarError
 
 IMPORTED = "qroar.imported"  # st.session_state: (file id, message) of the last upload handled
+state.register_defaults({"export.overwrite": False})
 
 
 def search_result_for(tuning):
@@ -106,7 +107,9 @@ st.subheader("3 · Folded checkpoint")
 c1, c2 = st.columns([3, 2])
 with c1:
     w.text("Folder to write", "export.folder", placeholder="exports/my-model-qroar",
-           help="Created if missing; an earlier qroar export there is replaced whole, any other non-empty folder is refused.")
+           help="Created if missing; a folder holding anything but a qroar export is refused.")
+    w.toggle("Overwrite an earlier export there", "export.overwrite",
+             help="Without it an earlier export in the folder is left as it is. Files of your own in it are kept.")
 with c2:
     w.radio("Weights", "export.quantized", [False, True], horizontal=True,
             format_func=lambda q: "fake-quantized (as evaluated)" if q else "full precision, scales folded in",
@@ -115,7 +118,7 @@ with c2:
 busy = w.is_running("checkpoint")
 if st.button("Export folded checkpoint", icon=":material/save:", disabled=busy):
     fn = checkpoint_job(state.backend(), state.loaded_key(), pi, quant, tuning, state.get("export.folder"),
-                        bool(state.get("export.quantized")), result)
+                        bool(state.get("export.quantized")), result, overwrite=bool(state.get("export.overwrite")))
     state.submit("checkpoint", fn, label="Writing the checkpoint", meta={"folder": state.get("export.folder")})
     st.rerun()
 ck = w.job_status("checkpoint")

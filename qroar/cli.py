@@ -443,7 +443,8 @@ def pd_summary(table, summarize):
 def add_export(sub) -> None:
     s = sub.add_parser("export", help="scales file -> Hugging Face checkpoint folder with the scales folded in")
     _add_scales_model_args(s)
-    s.add_argument("--out", required=True, help="output folder (replaced whole, atomically)")
+    s.add_argument("--out", required=True, help="output folder (created; written atomically)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (files of your own in it are kept)")
     s.add_argument("--quantized", action="store_true", help="write the fake-quantized scaled weights (default: full precision with scales folded)")
     s.add_argument("--calib", default="embedded:dev", help="calibration corpus when the file's quantizer is gptq/awq")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -452,13 +453,14 @@ def add_export(sub) -> None:
 
 def cmd_export(a) -> int:
     from qroar.errors import ConfigError
-    from qroar.export import apply_scales, export_checkpoint
+    from qroar.export import apply_scales, check_target, export_checkpoint
 
+    check_target(a.out, a.overwrite)  # before loading the model and calibrating
     sf, wb = _open_for_scales(a)
     if a.quantized and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: export full precision (drop --quantized).")
     apply_scales(wb, sf, quantize=a.quantized, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
-    path = export_checkpoint(wb, a.out, quantized=a.quantized, meta=sf.raw)
+    path = export_checkpoint(wb, a.out, quantized=a.quantized, meta=sf.raw, overwrite=a.overwrite)
     kind = "fake-quantized scaled" if a.quantized else "full-precision scaled"
     print(f"wrote {path} ({kind} weights, PI {wb.pi.label()})")
     return 0

@@ -11,14 +11,19 @@ dev and held-out results when it came from a search; created_at and the qroar ve
 Folded checkpoint (`export_checkpoint`): safetensors + config (with the PI rope_parameters in
 force) + tokenizer, with the scales folded into the full-precision weights (for the user's own
 quantizer) or, with quantized=True, the fake-quantized scaled weights; written to a temporary
-folder beside the target and moved into place whole.
+folder beside the target and moved into place whole. An earlier export is replaced only when asked
+(overwrite=True), and files of the user's in it are carried into the new folder.
+
+Files and folders are created with the modes the user's umask gives (a replaced one keeps its own).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,12 +38,35 @@ KIND = "qroar-scales"
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, full: int) -> int:
+    """The mode `path` has if it exists (a replacement keeps it), else `full` (0o666 file, 0o777 folder) less the
+    umask, as open() and mkdir() would give; mkstemp and mkdtemp make 0600/0700, which surprises users who share."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return full & ~_umask()
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode_for(path, 0o666))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -271,33 +299,173 @@ def apply_scales(wb, sf: ScalesFile, quantize: bool = True, calib_corpus: str | 
 
 # ----------------------------------------------------------------------------- folded checkpoint
 
+RECORD = "qroar_scales.json"  # written last; its "export" key lists the files the export wrote
 
-def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None) -> Path:
+
+def _parked(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive lock on folder `path` (the OS drops it when its process dies), or None when
+    another process holds it; OSError where the system or filesystem has no such locks."""
+    try:
+        import fcntl
+    except ImportError:
+        raise OSError("no file locks on this system") from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Temporary folders that killed exports to `folder` left beside it (`.NAME.tmp-*` that no running export holds
+    locked); ConfigError while another export to `folder` is running."""
+    stale = []
+    for p in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*")):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fd = _try_lock(p)
+        except OSError:  # without locks a running export looks like a killed one: leave it
+            continue
+        if fd is None:
+            raise ConfigError(f"Another export to {folder} is running: wait for it to finish, or choose another folder.")
+        os.close(fd)
+        stale.append(p)
+    return stale
+
+
+def _recorded_files(folder: Path) -> set[str] | None:
+    """The names an earlier export recorded as its own (qroar_scales.json's export.files); None if it recorded none."""
+    try:
+        files = json.loads((folder / RECORD).read_text(encoding="utf-8"))["export"]["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files) | {RECORD}
+
+
+def check_target(folder, overwrite: bool = False) -> list[str]:
+    """Check, changing nothing, that an export may write `folder`; returns the names of the user's own files in an
+    earlier export there (the export carries them into the new folder).
+
+    ConfigError when `folder` is a file, holds files but no qroar export, holds an earlier export and overwrite is
+    False, holds an export from a qroar that did not record its files, or another export to it is running.
+    """
+    folder = Path(folder)
+    _leftovers(folder)
+    old = _parked(folder)
+    here = old if not folder.exists() and old.is_dir() else folder  # a killed export parked the old one there
+    if not here.exists():
+        return []
+    if not here.is_dir():
+        raise ConfigError(f"{folder} is a file: choose a folder.")
+    names = sorted(p.name for p in here.iterdir())
+    if not names:
+        return []
+    if RECORD not in names:  # never someone's other files
+        raise ConfigError(f"{folder} exists and is not an earlier qroar export; choose a new or empty folder.")
+    if not overwrite:
+        raise ConfigError(f"{folder} holds an earlier qroar export: ask to overwrite it (`qroar export --overwrite`, or "
+                          "Overwrite on the Export page; files of your own in it are kept), or choose another folder.")
+    ours = _recorded_files(here)
+    if ours is None:
+        raise ConfigError(f"{folder} holds an export from an older qroar that did not record which files are its own: "
+                          "move any files of yours out of it and delete it, or choose another folder.")
+    return [n for n in names if n not in ours]
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove what killed exports to `folder` left beside it; an old export parked between the two renames of a swap
+    goes back in place when no newer one made it there."""
+    for p in _leftovers(folder):
+        shutil.rmtree(p, ignore_errors=True)
+    old = _parked(folder)
+    if old.is_dir() and not old.is_symlink():
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, folder)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)  # no second copy of the data; the old folder stays whole until the swap
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put a user's file, link or folder from the old export into the new one."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None,
+                      overwrite: bool = False) -> Path:
     """Write a Hugging Face folder with the scales folded in; returns its path.
 
     quantized=False: full-precision weights with the scales folded in (quantize it with your own
     tool). quantized=True: the fake-quantized scaled weights the workbench evaluates ("scaled").
     The config carries the PI rope_parameters in force; `qroar_scales.json` records the scales
-    (`meta`, e.g. the scales file it came from, or the workbench's own settings).
+    (`meta`, e.g. the scales file it came from, or the workbench's own settings) and, under
+    "export": {"files": [...]}, the files the export wrote.
+
+    A folder holding anything but a qroar export is never written. An earlier export is replaced
+    only with overwrite=True, and then only the files it recorded as its own go: anything else in
+    it (notes, a quantized copy) is carried into the new folder, and if the new export writes a
+    file of the same name the export is refused, naming it, before the folder is touched.
+    Temporaries that killed exports left beside `folder` (`.NAME.tmp-*`, `.NAME.old`) are removed
+    first. Every other refusal is a ConfigError raised before anything is written (`check_target`).
     """
     folder = Path(folder)
     if quantized and wb.qstate is None:
         raise ConfigError("A quantized export needs a quantizer: set one (or export full precision).")
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "qroar_scales.json").exists())):
-        # the export replaces the folder whole: never someone's other files
-        raise ConfigError(f"{folder} exists and is not an earlier qroar export; choose a new or empty folder.")
+    keep = check_target(folder, overwrite)
     scaled = wb.scales is not None
     variant = ("scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
+        lock = _try_lock(tmp)  # marks this export as running: a later export's clean-up leaves it alone
+    except OSError:
+        lock = None
+    try:
+        os.chmod(tmp, _mode_for(folder, 0o777))
         with wb.lock, wb.variant(variant) as model:
             model.save_pretrained(tmp, safe_serialization=True)
         if wb.tokenizer is not None:
             wb.tokenizer.save_pretrained(tmp)
+        mask = _umask()
+        for p in tmp.rglob("*"):  # some writers (safetensors' among them) make 0600 files
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+        written = sorted({p.name for p in tmp.iterdir()} | {RECORD})
+        clash = [n for n in keep if n in written]
+        if clash:
+            raise ConfigError(f"{folder} holds file(s) of yours that the new export would overwrite: {', '.join(clash)}; "
+                              "move them out of the folder (nothing was changed) and export again.")
         meta = dict(meta) if meta is not None else (scales_payload(wb, result) if scaled else {"scales": None})
-        meta["export"] = {"variant": variant, "quantized": quantized}
-        atomic_write_text(tmp / "qroar_scales.json", json.dumps(meta, indent=1, allow_nan=False))
+        meta["export"] = {"variant": variant, "quantized": quantized, "files": written}
+        atomic_write_text(tmp / RECORD, json.dumps(meta, indent=1, allow_nan=False))
+        for name in keep:
+            _carry(folder / name, tmp / name)
         return atomic_replace_dir(tmp, folder)
     finally:
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
