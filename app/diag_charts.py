@@ -1,6 +1,8 @@
 """Chart builders for the diagnostics page: pure functions from qroar.diagnostics tables to Plotly figures.
 
-Ratios (TIR) use a diverging scale centred at 1, differences one centred at 0, errors a sequential one.
+Ratios (TIR) use a red-blue diverging scale centred at 1 (symmetric in log, never narrower than
+1/TIR_SPAN..TIR_SPAN), differences a purple-orange one centred at 0, errors a sequential one; every
+heatmap has its own colour bar. Bands in line charts take distinct hues (a qualitative palette).
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from plotly.subplots import make_subplots
 
 from app.charts import FONT, TRAINED_COLOUR, length_label, variant_colour
 
-DIVERGING = "RdBu_r"  # blue below the centre, red above
+DIVERGING = "RdBu_r"  # ratios: blue below 1, red above
+DIFFERENCE = "PuOr_r"  # differences: purple below 0, orange above (not the ratios' palette)
 SEQUENTIAL = "Viridis"
 BAND_SHADES = ("rgba(31,95,174,0.07)", "rgba(0,0,0,0)")
+# distinct hues, one per band (up to 16): Tableau 10, then six more unlike any of them
+BAND_COLOURS = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
+                "#BCBD22", "#17BECF", "#222A2A", "#B68100", "#750D86", "#00A08B", "#FB00D1", "#6C7C32")
+TIR_SPAN = 1.25  # the ratio colour range is at least [1/1.25, 1.25]: a few % off 1 stays pale
+DIFF_SPAN = 0.02  # and the difference range at least +-0.02
+RATIO_TICKS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+NOISE_MARK = "rgba(30,30,30,0.6)"
 
 
 def _style(fig: go.Figure, height: int) -> go.Figure:
@@ -28,6 +38,10 @@ def _style(fig: go.Figure, height: int) -> go.Figure:
 
 def band_label(b: int) -> str:
     return f"b{int(b)}"
+
+
+def band_colour(i: int) -> str:
+    return BAND_COLOURS[int(i) % len(BAND_COLOURS)]
 
 
 # ----------------------------------------------------------------------------- bands and IP
@@ -56,8 +70,9 @@ def bands_figure(pairs: pd.DataFrame, trained_context: int | None = None, height
                            font=dict(size=11, color=TRAINED_COLOUR))
     fig.update_xaxes(title_text="RoPE pair j (high frequency -> low)")
     fig.update_yaxes(title_text="wavelength (tokens, log)", type="log", dtick=1, secondary_y=False)
-    fig.update_yaxes(title_text="interpolation scale s_j", secondary_y=True, rangemode="tozero", showgrid=False,
-                     tickformat=".3~g", nticks=6)
+    s_max = float(pairs.s.max()) if len(pairs) else 1.0
+    fig.update_yaxes(title_text="interpolation scale s_j", secondary_y=True, showgrid=False, tickformat=".3~g",
+                     range=[0, 1.08 * max(s_max, 1.0)], tickmode="auto", nticks=6)  # own ticks, not the log axis' grid
     return _style(fig, height)
 
 
@@ -84,39 +99,112 @@ def _grid(df: pd.DataFrame, value: str) -> pd.DataFrame:
     return df.pivot(index="layer", columns="band", values=value).sort_index()
 
 
-def tir_heatmaps(tir: pd.DataFrame, kind: str = "W", height: int = 560) -> go.Figure:
-    """Layer x band TIR for q (top) and k (bottom): full precision, quantized (ratio, centred at 1) and
-    their difference quantized - full precision (centred at 0)."""
+def _colourbar(fig: go.Figure, row: int, col: int, cols: int, title: str, **kw) -> dict:
+    """A colour bar right of subplot (row, col), as tall as it."""
+    n = (row - 1) * cols + col
+    xd = fig.layout[f"xaxis{'' if n == 1 else n}"].domain
+    yd = fig.layout[f"yaxis{'' if n == 1 else n}"].domain
+    return dict(title=dict(text=title, side="top", font=dict(size=11)), x=xd[1] + 0.008, xanchor="left",
+                y=(yd[0] + yd[1]) / 2, yanchor="middle", len=yd[1] - yd[0], thickness=10, tickfont=dict(size=10), **kw)
+
+
+def ratio_span(ratios) -> float:
+    """Half-width in log of the ratio colour range: the data's, but never under log TIR_SPAN."""
+    r = pd.Series(ratios, dtype=float).replace([np.inf, -np.inf], np.nan)
+    r = r[r > 0]
+    spread = float(np.abs(np.log(r)).max()) if len(r) else 0.0
+    return max(spread, math.log(TIR_SPAN))
+
+
+def tir_heatmaps(tir: pd.DataFrame, kind: str = "W", height: int = 600) -> go.Figure:
+    """Layer x band TIR for q (top) and k (bottom): full precision, quantized (ratio, log colour scale
+    centred at 1) and their difference quantized - full precision (centred at 0). Cells whose 95%
+    interval from the documents' spread holds 1 (differences: 0) carry a dot (within sampling noise)."""
+    from qroar.diagnostics import tir_difference, tir_intervals
+
     t = tir[tir.kind == kind]
     if t.empty:
         raise ValueError(f"no TIR_{kind} rows to plot")
+    t, diff = tir_intervals(t), tir_difference(t)
     titles = [f"{p}: {c}" for p in ("q", "k") for c in ("full precision", "quantized", "quantized - full precision")]
-    fig = make_subplots(rows=2, cols=3, subplot_titles=titles, horizontal_spacing=0.07, vertical_spacing=0.14,
+    fig = make_subplots(rows=2, cols=3, subplot_titles=titles, horizontal_spacing=0.11, vertical_spacing=0.16,
                         shared_yaxes=True)
-    ratios = t.tir.replace([np.inf, -np.inf], np.nan)
-    spread = float(np.nanmax(np.abs(np.log(ratios.clip(lower=1e-6))))) if ratios.notna().any() else 0.1
-    lo, hi = math.exp(-max(spread, 0.01)), math.exp(max(spread, 0.01))
+    h = ratio_span(t.tir)
+    ticks = [v for v in RATIO_TICKS if abs(math.log(v)) <= h + 1e-9]
     grids = {}
     for proj in ("q", "k"):
         tp = t[t.proj == proj]
-        fp, qz = _grid(tp[tp.variant == "fp"], "tir"), _grid(tp[tp.variant == "quant"], "tir")
-        grids[proj] = (fp, qz, qz - fp)
-    dmax = max([float(np.nanmax(np.abs(g[2].to_numpy()))) for g in grids.values() if g[2].size] + [1e-9])
+        fp, qz = tp[tp.variant == "fp"], tp[tp.variant == "quant"]
+        grids[proj] = (fp, qz, diff[diff.proj == proj])
+    dmax = max([float(np.nanmax(np.abs(g[2]["diff"].to_numpy()))) for g in grids.values() if len(g[2])] + [DIFF_SPAN])
+    marked = False
     for r, proj in enumerate(("q", "k"), start=1):
-        for c, z in enumerate(grids[proj], start=1):
-            is_diff = c == 3
-            bar = (r, c) == ((2, 3) if is_diff else (1, 1))  # one colour bar per scale, both on the right
-            fig.add_trace(go.Heatmap(
-                z=z.to_numpy(), x=[band_label(b) for b in z.columns], y=[str(i) for i in z.index],
-                colorscale=DIVERGING, zmid=0 if is_diff else 1,
-                zmin=-dmax if is_diff else lo, zmax=dmax if is_diff else hi, showscale=bar,
-                colorbar=dict(title="quant - fp" if is_diff else "TIR", x=1.02, len=0.42, y=0.22 if is_diff else 0.78),
-                hovertemplate=f"{proj}, layer %{{y}}, band %{{x}}<br>"
-                              + ("TIR quantized - full precision: %{z:+.3f}" if is_diff else "TIR (long/short tail): %{z:.3f}x")
-                              + "<extra></extra>"), row=r, col=c)
+        for c, part in enumerate(grids[proj], start=1):
+            if c == 3:
+                z = _grid(part, "diff")
+                lo, hi = _grid(part, "diff_lo").reindex_like(z), _grid(part, "diff_hi").reindex_like(z)
+                fig.add_trace(go.Heatmap(
+                    z=z.to_numpy(), x=[band_label(b) for b in z.columns], y=[str(i) for i in z.index],
+                    customdata=np.dstack([lo.to_numpy(), hi.to_numpy()]),
+                    colorscale=DIFFERENCE, zmid=0, zmin=-dmax, zmax=dmax,
+                    colorbar=_colourbar(fig, r, c, 3, "quant - fp", tickformat="+.2~f"),
+                    hovertemplate=f"{proj}, layer %{{y}}, band %{{x}}<br>TIR quantized - full precision: %{{z:+.3f}}"
+                                  "<br>95% interval %{customdata[0]:+.3f} to %{customdata[1]:+.3f}<extra></extra>"),
+                    row=r, col=c)
+            else:
+                z = _grid(part, "tir")
+                lo, hi = _grid(part, "tir_lo").reindex_like(z), _grid(part, "tir_hi").reindex_like(z)
+                docs = _grid(part, "docs").reindex_like(z)
+                fig.add_trace(go.Heatmap(
+                    z=np.log(z.to_numpy().clip(min=1e-12)), x=[band_label(b) for b in z.columns], y=[str(i) for i in z.index],
+                    customdata=np.dstack([z.to_numpy(), lo.to_numpy(), hi.to_numpy(), docs.to_numpy()]),
+                    colorscale=DIVERGING, zmid=0, zmin=-h, zmax=h,
+                    colorbar=_colourbar(fig, r, c, 3, "TIR", tickvals=[math.log(v) for v in ticks],
+                                        ticktext=[f"{v:g}" for v in ticks]),
+                    hovertemplate=f"{proj}, layer %{{y}}, band %{{x}}<br>TIR (long/short tail): %{{customdata[0]:.3f}}x"
+                                  "<br>95% interval %{customdata[1]:.3f}-%{customdata[2]:.3f} "
+                                  "(spread of %{customdata[3]} documents)<extra></extra>"), row=r, col=c)
+            quiet = part[part.within_noise]
+            if len(quiet):
+                fig.add_trace(go.Scatter(
+                    x=[band_label(b) for b in quiet.band], y=[str(i) for i in quiet.layer], mode="markers",
+                    name="within sampling noise (95% interval holds 1, or 0 for differences)", legendgroup="noise", showlegend=not marked,
+                    marker=dict(symbol="circle", size=5, color=NOISE_MARK), hoverinfo="skip"), row=r, col=c)
+                marked = True
     fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
     fig.update_yaxes(title_text="layer", col=1)
-    return _style(fig, height)
+    fig = _style(fig, height)
+    fig.update_layout(margin=dict(r=60))
+    return fig
+
+
+def tir_sampling_note(tir: pd.DataFrame, kind: str = "W", eps: float | None = None) -> str:
+    """What stands behind each TIR cell (tokens, values, documents) and how many are within sampling noise."""
+    from qroar.diagnostics import tir_intervals
+
+    t = tir[(tir.kind == kind) & (tir.variant == "fp")]
+    if t.empty or "tokens_short" not in t:
+        return "This result does not say how many tokens stand behind each cell (written by an older version): run it again."
+    first = t.iloc[0]
+    docs = int(t["docs"].max())
+    short, long_ = int(first.tokens_short), int(first.tokens_long)
+    per = {p: int(d.n_short.iloc[0] // max(d.tokens_short.iloc[0], 1)) for p, d in t.groupby("proj")}
+    order = sorted(per, key=lambda p: p != "q")
+    text = (f"Each cell: {short:,} short and {long_:,} long tokens from {docs} document{'s' if docs != 1 else ''}, one "
+            f"value per token and row of the band ({', '.join(f'{per[p]} rows for {p}' for p in order)})")
+    if eps:
+        k = {p: math.floor(eps * short * per[p]) + 1 for p in order}
+        text += f"; Q(1-{eps:g}) of the short side is its {' / '.join(f'{k[p]:,}th ({p})' for p in order)} largest value"
+    if docs < 2:
+        return text + (". One document gives no estimate of sampling noise: run with 2 or more documents "
+                       "to see which cells could be 1 on other text.")
+    iv = tir_intervals(tir[tir.kind == kind])
+    ratio = iv[iv.variant.isin(["fp", "quant"])]
+    width = float(np.nanmedian(np.abs(np.log(ratio.tir_hi / ratio.tir))))
+    return text + (f". Sampling noise from the spread of the {docs} documents' own TIRs: a typical 95% interval is "
+                   f"±{100 * (math.exp(width) - 1):.1f}%; a dot marks a cell whose interval holds 1 "
+                   f"({int(ratio.within_noise.sum())} of {len(ratio)} ratio cells), so its colour could be noise.")
 
 
 def quant_error_heatmap(qe: pd.DataFrame, height: int = 420) -> go.Figure:
@@ -170,9 +258,8 @@ def noise_lines(noise: pd.DataFrame, mode: str = "isolated", value: str = "rel_e
         raise ValueError(f"no logit-noise rows for mode {mode!r}")
     rel = value == "rel_err"
     fig = go.Figure()
-    bands = sorted(d.band.unique())
-    colours = [f"hsl({int(240 - 240 * i / max(len(bands) - 1, 1))},65%,45%)" for i in range(len(bands))]
-    for b, colour in zip(bands, colours):
+    for b in sorted(d.band.unique()):
+        colour = band_colour(b)
         g = d[d.band == b].sort_values("bucket_lo")
         x = np.sqrt(g.bucket_lo * g.bucket_hi)
         fig.add_trace(go.Scatter(

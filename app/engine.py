@@ -44,9 +44,8 @@ class ModelKey:
 
 
 @dataclass
-class Entry:
-    wb: Any  # qroar.workbench.Workbench
-    quant_key: tuple | None = None  # what the model is quantized with now (None: full precision)
+class LoadedModel:
+    wb: Any  # qroar.workbench.Workbench: it knows what is applied (its Recipe) and re-does only what changed
 
 
 def sub_progress(progress: Progress | None, lo: float, hi: float) -> Progress:
@@ -64,7 +63,7 @@ class ModelCache:
     def __init__(self, max_models: int = 1, opener: Callable | None = None):
         self.max_models = max_models
         self._opener = opener
-        self._entries: OrderedDict[ModelKey, Entry] = OrderedDict()
+        self._entries: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
     def _open(self, key: ModelKey):
@@ -75,10 +74,10 @@ class ModelCache:
         return Workbench.open(key.name, device=key.device, dtype=key.dtype,
                               allow_pickle=key.allow_pickle, trust_remote_code=key.trust_remote_code)
 
-    def peek(self, key: ModelKey) -> Entry | None:
+    def peek(self, key: ModelKey) -> LoadedModel | None:
         return self._entries.get(key)
 
-    def get(self, key: ModelKey, progress: Progress | None = None) -> Entry:
+    def get(self, key: ModelKey, progress: Progress | None = None) -> LoadedModel:
         """The cached entry, loading (and evicting the oldest) when missing; call from the worker only."""
         with self._lock:
             if key in self._entries:
@@ -89,7 +88,7 @@ class ModelCache:
                 _free_memory()  # before loading the next one, or both may not fit
         if progress:
             progress(0.05, f"loading {key.name}")
-        entry = Entry(self._open(key))
+        entry = LoadedModel(self._open(key))
         with self._lock:
             self._entries[key] = entry
         return entry
@@ -119,10 +118,11 @@ class SessionRecord:
     model_info: dict | None = None  # ModelInfo.to_dict() plus "widths" (input widths per quant scope)
     jobs: dict[str, Job] = field(default_factory=dict)  # last job of each kind
     previous: dict[str, Job] = field(default_factory=dict)  # last successful job of each kind before that
-    touched: float = field(default_factory=time.time)
+    recipe: Any = None  # qroar.recipe.Recipe of this session (app.state.recipe() makes the default)
+    scales_changed: float = 0.0  # when the recipe's scales last changed (Tune, a search taken over, an import)
 
 
-class Registry:
+class Sessions:
     """Session records by token, process-wide, so a reload of the same URL re-attaches."""
 
     def __init__(self, max_sessions: int = 500):
@@ -142,7 +142,6 @@ class Registry:
                 while len(self._sessions) > self.max_sessions:
                     self._sessions.popitem(last=False)
             self._sessions.move_to_end(token)
-            rec.touched = time.time()
             return rec
 
     def __contains__(self, token: str) -> bool:
@@ -155,7 +154,7 @@ class Backend:
 
     queue: JobQueue = field(default_factory=JobQueue)
     models: ModelCache = field(default_factory=ModelCache)
-    registry: Registry = field(default_factory=Registry)
+    registry: Sessions = field(default_factory=Sessions)
 
     def submit(self, rec: SessionRecord, kind: str, fn, label: str = "", meta: dict | None = None) -> Job:
         prev = rec.jobs.get(kind)
@@ -210,127 +209,72 @@ def load_job(backend: Backend, key: ModelKey, rec: SessionRecord | None = None):
             rec.model_key, rec.model_info = key, info
             if before != info["trained_context"]:
                 rec.settings.pop("eval.lengths", None)  # lengths chosen for another context no longer fit
-            sizes = group_size_options(info["widths"].get(rec.settings.get("quant.scope", "linear")))
-            if rec.settings.get("quant.group_size", 128) not in sizes:
-                rec.settings["quant.group_size"] = default_group_size(sizes)
+            if rec.recipe is not None:
+                sizes = group_size_options(info["widths"].get(rec.recipe.quant.scope))
+                if rec.recipe.quant.group_size not in sizes:
+                    rec.recipe = rec.recipe.set("quant.group_size", default_group_size(sizes))
         return info
     return run
 
 
-def quant_key(quant, pi, calib: str) -> tuple | None:
-    """What a quantized state depends on: calibrated methods also depend on PI and the calibration corpus."""
-    if quant is None or quant.is_identity:
-        return None
-    from qroar.quant import NEEDS_CALIBRATION
-
-    calibrated = quant.method in NEEDS_CALIBRATION
-    return (quant, pi if calibrated else None, calib if calibrated else None)
-
-
-def apply_settings(entry: Entry, pi, quant, calib: str, progress: Progress | None, cancel) -> None:
-    """Put the model in this session's PI and quantizer settings, re-quantizing only when needed."""
-    wb = entry.wb
-    if wb.pi != pi:
-        wb.set_pi(pi)
-    qk = quant_key(quant, pi, calib)
-    if entry.quant_key == qk and (qk is None) == (wb.qstate is None):
-        return
-    entry.quant_key = None
-    wb.set_quant(quant if qk is not None else None, calib_corpus=calib, progress=progress, cancel=cancel)
-    entry.quant_key = qk
+def _on_model(backend: Backend, key: ModelKey, recipe, progress: Progress, cancel, upto: float):
+    """The loaded model with `recipe` applied (only what differs is redone); progress 0 .. `upto` of a job."""
+    entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
+    entry.wb.apply(recipe, progress=sub_progress(progress, 0.05, upto), cancel=cancel)
+    return entry.wb
 
 
 @dataclass(frozen=True)
 class PerplexityResult:
     table: pd.DataFrame  # tidy per (variant, doc, length): windows, tokens, nll, ppl
     summary: pd.DataFrame  # per (variant, length): docs, windows, tokens, nll, log_ppl, ppl
-    settings: dict  # model, pi, quant, corpus, eval
+    settings: dict  # model, pi, quant, corpus, eval, recipe
     trained_context: int
     seconds: float
 
 
-def summarize_variants(table: pd.DataFrame) -> pd.DataFrame:
-    """Token-weighted perplexity per (variant, length), through the engine's own summarize()."""
-    from qroar.perplexity import summarize
+def perplexity_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg):
+    """Full precision vs quantized perplexity at eval_cfg.lengths on `corpus` (the recipe without scales)."""
+    from dataclasses import replace
 
-    parts = [summarize(g).assign(variant=v) for v, g in table.groupby("variant", sort=False)]
-    cols = ["variant", "length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"]
-    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+    from qroar.perplexity import summarize_variants
 
-
-def perplexity_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, calib: str = "embedded:dev"):
-    """Full precision vs quantized perplexity at eval_cfg.lengths on `corpus`."""
     def run(progress: Progress, cancel: threading.Event) -> PerplexityResult:
         t0 = time.time()
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, 0.3), cancel)
+        r = replace(recipe, scales=None)
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            wb.apply(r, progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
             progress(0.3, "tokenizing the corpus")
-            table = entry.wb.perplexity(corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0), cancel=cancel)
-        settings = {"model": key.to_dict(), "pi": pi.to_dict(), "quant": quant.to_dict() if quant else None,
-                    "corpus": corpus, "eval": eval_cfg.to_dict()}
-        return PerplexityResult(table, summarize_variants(table), settings, int(entry.wb.info.trained_context),
-                                time.time() - t0)
+            table = wb.perplexity(corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0), cancel=cancel)
+        settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict(),
+                    "corpus": corpus, "eval": eval_cfg.to_dict(), "recipe": r.to_dict()}
+        return PerplexityResult(table, summarize_variants(table), settings, int(wb.info.trained_context), time.time() - t0)
     return run
 
 
-# ----------------------------------------------------------------------------- Q-ROAR: bands, windows, scales
+def diagnostics_job(backend: Backend, key: ModelKey, recipe, corpus: str, cfg):
+    """Every diagnostic (qroar.diagnostics.run_diagnostics) under the recipe's PI and quantizer, without scales."""
+    from dataclasses import replace
+
+    def run(progress: Progress, cancel: threading.Event):
+        from qroar.diagnostics import run_diagnostics
+
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            wb.apply(replace(recipe, scales=None), progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
+            return run_diagnostics(wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
+    return run
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """What Q-ROAR puts on the model: bands (edges by the rule, or explicit ones from a scales file),
-    mode and order (qroar.rescale.ScaleConfig) and one scale per band."""
-
-    bands: Any  # qroar.bands.BandConfig
-    scale: Any  # qroar.rescale.ScaleConfig
-    scales: tuple[float, ...]
-    edges: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict:
-        return {"bands": self.bands.to_dict(), "scale": self.scale.to_dict(), "scales": list(self.scales),
-                "edges": None if self.edges is None else list(self.edges)}
-
-
-def loaded_entry(backend: Backend, key: ModelKey) -> Entry:
-    """The cached entry for reading the model's shape and config off the worker (never its weights)."""
+def loaded_entry(backend: Backend, key: ModelKey) -> LoadedModel:
+    """The cached model for reading its shape and config off the worker (never its weights)."""
     from qroar.errors import ModelError
 
     entry = backend.models.peek(key)
     if entry is None:
         raise ModelError(f"{key.name} is no longer loaded (another model replaced it): load it again on Setup.")
     return entry
-
-
-def band_edges(entry: Entry, pi, band_cfg, edges=None) -> tuple[int, ...]:
-    """The band edges the workbench will use under `pi` (explicit edges win), computed without touching the model."""
-    from qroar import bands as bands_mod, rope
-
-    if edges is not None:
-        return tuple(int(e) for e in edges)
-    freqs = rope.frequencies(entry.wb.model.config, pi, base_params=entry.wb.base_rope)
-    return bands_mod.bands_for(freqs, band_cfg).edges
-
-
-def band_windows(entry: Entry, pi, edges, tir: pd.DataFrame | None = None, moved=None) -> pd.DataFrame:
-    """Windows G_b by the engine's rule (qroar.search.derive_windows: IP, and TIR_W when given) under `pi`,
-    then any windows the user moved by hand. Columns: band, pairs, ip, tir, g_min, g_max, reason, moved."""
-    from qroar import bands as bands_mod, rope
-    from qroar.diagnostics import interpolation_pressure
-    from qroar.search import check_windows, derive_windows
-
-    wb = entry.wb
-    freqs = lambda D=None: rope.frequencies(wb.model.config, pi, seq_len=D, base_params=wb.base_rope)  # noqa: E731
-    bands = bands_mod.Bands(tuple(edges))
-    ip = interpolation_pressure(freqs, bands, (freqs().trained_context * 8,))  # the length search.windows_for uses
-    table = derive_windows(ip, tir)
-    table.insert(1, "pairs", [f"{r.start}-{r.stop - 1}" for r in bands.ranges()])
-    table["moved"] = False
-    if moved is not None:
-        for b, (lo, hi) in enumerate(check_windows(moved, bands.n_bands)):
-            if (lo, hi) != (table.at[b, "g_min"], table.at[b, "g_max"]):
-                table.loc[b, ["g_min", "g_max", "reason", "moved"]] = [lo, hi, "moved by hand", True]
-    return table
 
 
 def matching_tir(diag, edges, pi) -> pd.DataFrame | None:
@@ -343,64 +287,46 @@ def matching_tir(diag, edges, pi) -> pd.DataFrame | None:
     return diag.tables.get("tir")
 
 
-def invariance_note_for(entry: Entry, quant, scale_cfg) -> str | None:
-    """The engine's invariance note (qroar.rescale) for these settings, from the model's shape only."""
-    from qroar.models import attention_layers
-    from qroar.rescale import invariance_note
-
-    has_norm = any(layer.q_norm is not None for layer in attention_layers(entry.wb.model))
-    return invariance_note(None if quant is None or quant.is_identity else quant, scale_cfg, has_norm)
-
-
-def use_tuning(wb, t: Tuning) -> None:
-    """Put bands and scales on the workbench; a changed scale re-computes only its own band's rows."""
-    wb.set_bands(t.bands, edges=t.edges)
-    if wb.scales is None or wb.scale_cfg != t.scale or wb.scales.numel() != len(t.scales):
-        wb.set_scales(list(t.scales), t.scale)
-        return
-    for b, (now, g) in enumerate(zip(wb.scales.tolist(), t.scales)):
-        if now != g:
-            wb.set_band_scale(b, float(g))
-
-
-def _prepare(entry: Entry, pi, quant, tuning: Tuning, calib: str, progress: Progress, cancel, upto: float) -> None:
-    """Apply this session's PI and quantizer, then its bands and scales: progress 0.05 .. `upto` of a job."""
-    apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, upto), cancel)
-    progress(upto, "setting the scales")
-    use_tuning(entry.wb, tuning)
-
-
 @dataclass(frozen=True)
 class TuneResult:
-    table: pd.DataFrame  # tidy per (variant, doc, length); variants fp, quant, scaled
+    table: pd.DataFrame  # tidy per (variant, doc, length); variants fp, quant, quant_scaled (fp_scaled: the control)
     summary: pd.DataFrame  # per (variant, length)
     base_key: tuple  # what the fp and quant curves depend on (re-used while it matches)
-    tuning: Tuning
+    recipe: Any  # the qroar.recipe.Recipe evaluated
     note: str | None  # why these scales cannot change the model (None: they can)
     quantized: bool
     reused_base: bool
     trained_context: int
     seconds: float
 
+    @property
+    def settings(self) -> dict:
+        return {"recipe": self.recipe.to_dict()}
 
-def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, tuning: Tuning,
-             base: TuneResult | None = None, calib: str = "embedded:dev", control: bool = False,
-             max_docs: int = 0):
+
+def tune_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg, base: TuneResult | None = None,
+             control: bool = False, max_docs: int = 0):
     """Perplexity of full precision, quantized and quantized + scales at eval_cfg.lengths.
 
     The fp and quant curves do not depend on the scales: they are taken from `base` when it was
     measured with the same model, PI, quantizer, corpus and lengths, so moving a slider costs one
     variant (and re-quantizes only the moved band's rows).
     """
+    from dataclasses import replace
+
+    from qroar.perplexity import summarize_variants
+
+    if recipe.scales is None:
+        recipe = recipe.with_scales([1.0] * (len(recipe.edges) - 1 if recipe.edges else recipe.bands.n_bands))
+
     def run(progress: Progress, cancel: threading.Event) -> TuneResult:
         t0 = time.time()
-        base_key = (key, pi, quant_key(quant, pi, calib) or quant, corpus, eval_cfg, max_docs)
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.2)
-            wb = entry.wb
+        base_key = (key, recipe.pi, recipe.quant_key() or recipe.quant, corpus, eval_cfg, max_docs)
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            wb.apply(recipe, progress=sub_progress(progress, 0.05, 0.2), cancel=cancel)
             quantized = wb.qstate is not None
-            scaled = "scaled" if quantized else "fp_scaled"
+            scaled = "quant_scaled" if quantized else "fp_scaled"
             reuse = base is not None and base.base_key == base_key
             # FP + scales is the control: a gain it shares is a temperature effect, not a quantization repair
             extra = ("fp_scaled",) if quantized and control else ()
@@ -408,34 +334,31 @@ def tune_job(backend: Backend, key: ModelKey, pi, quant, corpus: str, eval_cfg, 
             progress(0.2, "tokenizing the corpus")
             docs = corpus
             if max_docs:  # a quick subset for live tuning: the first documents of the corpus
-                from qroar.workbench import Corpus
-
                 c = wb.corpus(corpus)
-                docs = Corpus(corpus, c.doc_ids[:max_docs], c.tokens[:max_docs])
+                docs = c.subset(c.doc_ids[:max_docs])
             table = wb.perplexity(docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
             note = wb.invariance_note()
+            applied = wb.recipe
         if not quantized:
-            table = table.assign(variant=table["variant"].replace({"fp_scaled": "scaled"}))
+            table = table.assign(variant=table["variant"].replace({"fp_scaled": "quant_scaled"}))
         if reuse:
-            keep = ~base.table["variant"].isin(["scaled", "fp_scaled"])
+            keep = ~base.table["variant"].isin(["quant_scaled", "fp_scaled"])
             table = pd.concat([base.table[keep], table], ignore_index=True)
-        return TuneResult(table, summarize_variants(table), base_key, tuning, note, quantized, reuse,
-                          int(entry.wb.info.trained_context), time.time() - t0)
+        return TuneResult(table, summarize_variants(table), base_key, applied, note, quantized, reuse,
+                          int(wb.info.trained_context), time.time() - t0)
     return run
 
 
-def search_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, windows: pd.DataFrame, cfg,
-               calib: str = "embedded:dev"):
-    """qroar.search.search on this session's model, PI, quantizer and bands, inside `windows`."""
+def search_job(backend: Backend, key: ModelKey, recipe, windows: pd.DataFrame, cfg):
+    """qroar.search.search on this session's model and recipe (scales start at 1), inside `windows`."""
     def run(progress: Progress, cancel: threading.Event):
         from qroar.search import search
 
-        start = Tuning(tuning.bands, cfg.scale_cfg, (1.0,) * len(tuning.scales), tuning.edges)
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.02))
-        with entry.wb.lock:
-            _prepare(entry, pi, quant, start, calib, progress, cancel, 0.1)
+        n = len(windows)
+        with backend.models.get(key, sub_progress(progress, 0.0, 0.02)).wb.lock:
+            wb = _on_model(backend, key, recipe.with_scales([1.0] * n), progress, cancel, 0.1)
             cols = windows[["band", "g_min", "g_max", "reason"]].reset_index(drop=True)
-            return search(entry.wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
+            return search(wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
     return run
 
 
@@ -452,9 +375,8 @@ class ScalesExport:
     file_name: str
 
 
-def scales_file_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, result=None,
-                    calib: str = "embedded:dev"):
-    """The scales file (qroar.export.save_scales, an atomic write into a temporary folder) for these settings."""
+def scales_file_job(backend: Backend, key: ModelKey, recipe, result=None):
+    """The scales file (qroar.export.save_scales, an atomic write into a temporary folder) for this recipe."""
     def run(progress: Progress, cancel: threading.Event) -> ScalesExport:
         import json
         import tempfile
@@ -462,12 +384,12 @@ def scales_file_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, 
 
         from qroar.export import save_scales
 
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.9)
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            _on_model(backend, key, recipe, progress, cancel, 0.9)
             with tempfile.TemporaryDirectory(prefix="qroar-scales-") as tmp:
-                text = save_scales(Path(tmp) / "scales.json", entry.wb, result).read_text(encoding="utf-8")
-        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in entry.wb.info.name.rsplit("/", 1)[-1])
+                text = save_scales(Path(tmp) / "scales.json", wb, result).read_text(encoding="utf-8")
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in wb.info.name.rsplit("/", 1)[-1])
         return ScalesExport(text, json.loads(text), f"{name}.qroar-scales.json")
     return run
 
@@ -496,41 +418,21 @@ def import_scales(backend: Backend, key: ModelKey, data: bytes, name: str = "sca
     return sf
 
 
-def settings_from_scales_file(sf) -> dict:
-    """Session settings (app.state names) that reproduce a scales file: PI, quantizer, bands, mode, order, scales."""
-    pi, q = sf.pi, sf.quant
-    out = {"pi.rope_type": pi.rope_type, "pi.factor": float(pi.factor),
-           "pi.original": int(pi.original_max_position_embeddings or 0),
-           **{f"pi.{k}": float(v) for k, v in pi.params if k in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")},
-           "qroar.n_bands": sf.band_cfg.n_bands, "qroar.align": sf.band_cfg.align,
-           "qroar.mode": sf.scale_cfg.mode, "qroar.order": sf.scale_cfg.order, "qroar.scales": list(sf.scales),
-           "qroar.edges": {"n_bands": sf.band_cfg.n_bands, "align": sf.band_cfg.align, "edges": list(sf.edges)},
-           "qroar.windows": None}
-    if q is None:
-        out["quant.method"] = "none"
-    else:
-        out.update({"quant.method": q.method, "quant.bits": q.bits, "quant.group_size": q.group_size,
-                    "quant.symmetric": q.symmetric, "quant.scope": q.scope, "quant.calib_samples": q.n_samples,
-                    "quant.calib_len": q.seq_len})
-    return out
-
-
 def check_export_folder(folder: str):
-    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export,
-    since the export replaces the folder whole."""
+    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export
+    (qroar.export.check_export then asks for overwrite before an earlier export is replaced)."""
     from pathlib import Path
 
     from qroar.errors import ConfigError
 
     if not folder or not folder.strip():
-        raise ConfigError("Type the folder to write the checkpoint to (it is created; an earlier export there is replaced).")
+        raise ConfigError("Type the folder to write the checkpoint to (it is created if missing).")
     path = Path(folder.strip()).expanduser().resolve()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{path} is a file: choose a folder.")
         if any(path.iterdir()) and not (path / "qroar_scales.json").exists():
-            raise ConfigError(f"{path} already holds files that are not a qroar export; the export replaces the "
-                              "whole folder, so choose a new or empty folder.")
+            raise ConfigError(f"{path} already holds files that are not a qroar export; choose a new or empty folder.")
     return path
 
 
@@ -554,51 +456,29 @@ class CheckpointExport:
     seconds: float
 
 
-def checkpoint_job(backend: Backend, key: ModelKey, pi, quant, tuning: Tuning, folder, quantized: bool,
-                   result=None, calib: str = "embedded:dev", overwrite: bool = False):
-    """qroar.export.export_checkpoint: the scales folded into full-precision (or fake-quantized) weights."""
+def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None,
+                   overwrite: bool = False):
+    """qroar.export.export in folder format `fmt` (a key of qroar.export.FORMATS) of this recipe; an earlier export
+    in `folder` is replaced only with overwrite."""
     def run(progress: Progress, cancel: threading.Event) -> CheckpointExport:
-        from qroar.export import check_target, export_checkpoint
+        from qroar.errors import ConfigError
+        from qroar.export import check_export, export, export_format
 
         t0 = time.time()
+        if not export_format(fmt).folder:
+            raise ConfigError(f"The {fmt} format is a file, not a checkpoint folder: download it from the Export page.")
         target = check_export_folder(str(folder))
-        check_target(target, overwrite)  # before the quantizer's calibration
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            _prepare(entry, pi, quant, tuning, calib, progress, cancel, 0.5)
+        check_export(fmt, target, overwrite)  # before the quantizer's calibration
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            _on_model(backend, key, recipe, progress, cancel, 0.5)
             if cancel.is_set():
                 from qroar.errors import Cancelled
 
                 raise Cancelled("Export cancelled before anything was written.")
             progress(0.5, f"writing {target}")
-            path = export_checkpoint(entry.wb, target, quantized=quantized, result=result, overwrite=overwrite)
+            path = export(wb, fmt, target, result=result, overwrite=overwrite)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        return CheckpointExport(str(path), files, quantized, size, load_snippet(path), time.time() - t0)
+        return CheckpointExport(str(path), files, export_format(fmt).needs_quantizer, size, load_snippet(path), time.time() - t0)
     return run
-
-
-def tuning_from_settings(get: Callable[[str], Any], n_pairs: int) -> Tuning:
-    """The session's Tuning from its settings (`get` = app.state.get); stale pieces fall back to the rule:
-    edges from a scales file only while the band count and alignment match, scales only if one per band."""
-    from qroar.bands import BandConfig
-    from qroar.rescale import ScaleConfig
-
-    n = min(max(int(get("qroar.n_bands")), 1), n_pairs)
-    align = get("qroar.align")
-    beta = {}
-    if get("pi.rope_type") == "yarn":  # YaRN-aligned edges follow the PI's own ramp
-        beta = dict(beta_fast=float(get("pi.beta_fast")), beta_slow=float(get("pi.beta_slow")))
-    fixed = get("qroar.edges") or {}
-    edges = tuple(fixed["edges"]) if fixed.get("n_bands") == n and fixed.get("align") == align else None
-    scales = get("qroar.scales")
-    scales = tuple(float(g) for g in scales) if scales is not None and len(scales) == n else (1.0,) * n
-    return Tuning(BandConfig(n, align, **beta), ScaleConfig(get("qroar.mode"), get("qroar.order")), scales, edges)
-
-
-def moved_windows(get: Callable[[str], Any], edges) -> list | None:
-    """Windows the user moved by hand, while they were moved on these very bands."""
-    moved = get("qroar.windows")
-    if not moved or list(moved.get("edges", [])) != list(edges):
-        return None
-    return moved["windows"]

@@ -1,7 +1,11 @@
 """Chart builders for the Q-ROAR pages (Tune, Search, Export): pure functions from DataFrames to Plotly figures.
 
-Variants: "fp" (full precision), "quant" (quantized, PTQ), "scaled" (quantized + per-band scales).
+Variants: "fp" (full precision), "quant" (quantized, PTQ), "quant_scaled" (quantized + per-band scales),
+"fp_scaled" (full precision + the same scales: the control).
 Relative changes are in percent of perplexity: 100 * (ppl_a / ppl_b - 1), negative = better.
+Given the tidy per-document table (with each window's sums, qroar.perplexity), the charts and the
+change table also carry 95% intervals: of each curve across windows, and of each change paired on
+the same windows (qroar.perplexity.log_ppl_interval, paired_change).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.charts import VARIANT_STYLE, _length_axis, _style, _trained_line
+from qroar.perplexity import log_ppl_interval, paired_change, weighted_objective
 
 STYLE = {  # variant -> (label, colour)
     "fp": ("FP (full precision)", VARIANT_STYLE["fp"][1]),
     "quant": ("PTQ (quantized)", VARIANT_STYLE["quant"][1]),
-    "scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
+    "quant_scaled": ("PTQ + scales", VARIANT_STYLE["qroar"][1]),
     "fp_scaled": ("FP + scales (control)", "#8e6cc8"),
 }
 PREVIOUS_COLOUR = "#9e9e9e"
@@ -29,57 +34,192 @@ def label(v: str) -> str:
     return STYLE.get(v, (v, None))[0]
 
 
-def change_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per length: perplexity of each variant present, PTQ vs FP and scaled vs PTQ in %."""
+CHANGES = {  # change column -> (base variant, changed variant)
+    "PTQ vs FP %": ("fp", "quant"),
+    "scaled vs PTQ %": ("quant", "quant_scaled"),
+    "FP + scales vs FP %": ("fp", "fp_scaled"),  # the control: the same scales without quantization
+}
+
+
+def _variant(table: pd.DataFrame, v: str) -> pd.DataFrame:
+    return table[table["variant"] == v]
+
+
+def paired_changes(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each change of CHANGES whose two variants are in the tidy table: qroar.perplexity.paired_change."""
+    have = set(table["variant"]) if table is not None and len(table) else set()
+    return {name: paired_change(_variant(table, a), _variant(table, b))
+            for name, (a, b) in CHANGES.items() if {a, b} <= have}
+
+
+def interval_text(lo: float, hi: float, windows: int) -> str:
+    """'-1.200% to +0.400%', or why there is no interval."""
+    if windows < 2:
+        return "none: 1 window"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f"{lo:+.3f}% to {hi:+.3f}%"
+
+
+def change_table(summary: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per length: perplexity of each variant present, PTQ vs FP, scaled vs PTQ and the control
+    FP + scales vs FP in %. With the tidy per-document `table`: each change's 95% interval paired on the
+    same windows ("<change> 95%", text) and the windows behind each length."""
     wide = summary.pivot(index="length", columns="variant", values="ppl").sort_index()
     out = pd.DataFrame({"length": wide.index.astype(int)})
-    for v in ("fp", "quant", "scaled"):
+    for v in ("fp", "quant", "quant_scaled", "fp_scaled"):
         if v in wide:
             out[f"ppl {v}"] = wide[v].to_numpy()
-    if {"fp", "quant"} <= set(wide):
-        out["PTQ vs FP %"] = (100 * (wide["quant"] / wide["fp"] - 1)).to_numpy()
-    if {"quant", "scaled"} <= set(wide):
-        out["scaled vs PTQ %"] = (100 * (wide["scaled"] / wide["quant"] - 1)).to_numpy()
+    paired = paired_changes(table) if table is not None else {}
+    for name, (a, b) in CHANGES.items():
+        if {a, b} <= set(wide):
+            out[name] = (100 * (wide[b] / wide[a] - 1)).to_numpy()
+            if name in paired:
+                iv = paired[name].set_index("length").reindex(out["length"])
+                out[name.replace("%", "95%")] = [interval_text(lo, hi, 0 if pd.isna(n) else int(n)) for lo, hi, n in
+                                                 zip(iv["change_lo_pct"], iv["change_hi_pct"], iv["windows"])]
+    if paired:
+        out["windows"] = next(iter(paired.values())).set_index("length")["windows"].reindex(out["length"]).to_numpy()
     return out
 
 
+CHANGE_ORDER = ("length", "scaled vs PTQ %", "scaled vs PTQ 95%", "FP + scales vs FP %", "FP + scales vs FP 95%",
+                "ppl fp", "ppl quant", "ppl quant_scaled", "ppl fp_scaled", "PTQ vs FP %", "PTQ vs FP 95%", "windows")
+CHANGE_LABELS = {  # change_table column -> what a reader sees
+    "length": "length", "ppl fp": "FP", "ppl quant": "PTQ", "ppl quant_scaled": "PTQ + scales",
+    "ppl fp_scaled": "FP + scales (control)", "PTQ vs FP %": "PTQ vs FP", "PTQ vs FP 95%": "PTQ vs FP, 95%",
+    "scaled vs PTQ %": "PTQ + scales vs PTQ", "scaled vs PTQ 95%": "PTQ + scales vs PTQ, 95%",
+    "FP + scales vs FP %": "control: FP + scales vs FP", "FP + scales vs FP 95%": "control, 95%",
+    "windows": "windows",
+}
+
+
+def change_note(table: pd.DataFrame) -> str:
+    """What the intervals of a change_table (and tune_figure) mean, or why there are none."""
+    if "windows" not in table or table["windows"].isna().all():
+        return ""
+    n = int(table["windows"].min())
+    if n < 2:
+        return ("One window per length, so no interval: a window's perplexity is mostly a property of its text, and "
+                "each length reads a different stretch of it, so the curves zig-zag by several percent. The changes "
+                "compare variants on the same window. For 95% intervals, use 2 or more documents or windows per re-run.")
+    text = (f"Shaded: PTQ's 95% interval across the {n} windows per length (texts differ far more than variants do). "
+            "Changes: 95% intervals paired on the same windows, so the text both read cancels; a change whose "
+            "interval holds 0 is within noise.")
+    if "FP + scales vs FP %" in table:
+        text += (" Control: the same scales on the full-precision model. Where FP + scales vs FP moves as much as "
+                 "PTQ + scales vs PTQ, the gain is a per-band temperature effect, not a repair of quantization.")
+    return text
+
+
+def control_change(objective: dict, heldout: pd.DataFrame, weights: dict | None = None) -> float | None:
+    """FP + scales vs FP on the held-out objective (relative perplexity change), or None when the result
+    has no fp_scaled variant. `objective`: the search's {variant: objective}; `heldout`: its per-length rows."""
+    if "fp_scaled" in objective and "fp" in objective:
+        return math.exp(objective["fp_scaled"] - objective["fp"]) - 1
+    if heldout is None or not (heldout["variant"] == "fp_scaled").any() or not (heldout["variant"] == "fp").any():
+        return None
+    obj = {v: weighted_objective(_variant(heldout, v), weights) for v in ("fp", "fp_scaled")}
+    return math.exp(obj["fp_scaled"] - obj["fp"]) - 1
+
+
+def _bars(lo, hi, mid) -> dict | None:
+    """Plotly error bars from interval bounds around mid (None when no bound is finite)."""
+    up = [h - m if math.isfinite(h) else None for h, m in zip(hi, mid)]
+    down = [m - lo_ if math.isfinite(lo_) else None for lo_, m in zip(lo, mid)]
+    if all(u is None for u in up):
+        return None
+    return dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1.5, width=5)
+
+
 def tune_figure(summary: pd.DataFrame, trained_context: int | None = None, previous: pd.DataFrame | None = None,
-                height: int = 560) -> go.Figure:
-    """Perplexity vs context length for FP, PTQ and PTQ + scales (top) and PTQ + scales vs PTQ in % (bottom).
+                height: int = 560, table: pd.DataFrame | None = None) -> go.Figure:
+    """Perplexity vs context length for FP, PTQ and PTQ + scales (top) and PTQ + scales vs PTQ in % (bottom),
+    with the control FP + scales vs FP there too when it was measured.
 
     `previous`: an earlier summary whose scaled curve is drawn dashed for comparison.
+    `table`: the tidy per-document table; with it every curve carries its 95% interval across windows
+    (top) and every change its interval paired on the same windows (bottom), where there are 2+ windows.
     """
     if summary.empty:
         raise ValueError("no perplexity rows to plot")
-    has_change = {"quant", "scaled"} <= set(summary["variant"])
+    has_change = {"quant", "quant_scaled"} <= set(summary["variant"])
     rows = 2 if has_change else 1
+    change_title = ("PTQ + scales vs PTQ and the control FP + scales vs FP (negative = better)"
+                    if {"fp", "fp_scaled"} <= set(summary["variant"]) else "PTQ + scales vs PTQ (negative = better)")
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         row_heights=[0.62, 0.38] if has_change else [1.0],
-                        subplot_titles=("Perplexity", "PTQ + scales vs PTQ (negative = better)")[:rows])
+                        subplot_titles=("Perplexity", change_title)[:rows])
     lengths = sorted({int(n) for n in summary["length"]})
     prev = None
-    if previous is not None and (previous["variant"] == "scaled").any():
-        prev = previous[previous["variant"] == "scaled"].sort_values("length")
+    if previous is not None and (previous["variant"] == "quant_scaled").any():
+        prev = previous[previous["variant"] == "quant_scaled"].sort_values("length")
         fig.add_trace(go.Scatter(x=prev["length"], y=prev["ppl"], name="previous scales", mode="lines+markers",
                                  line=dict(color=PREVIOUS_COLOUR, width=1.5, dash="dash"), marker=dict(size=6),
                                  hovertemplate="previous scales: %{y:.4f}<extra></extra>"), row=1, col=1)
-    for v in ("fp", "fp_scaled", "quant", "scaled"):
+    intervals = {}  # variant -> its 95% interval across windows, per length of the summary
+    if table is not None and len(table):
+        for v in ("fp", "fp_scaled", "quant", "quant_scaled"):
+            d = summary[summary["variant"] == v].sort_values("length")
+            if len(d) and (table["variant"] == v).any():
+                iv = log_ppl_interval(_variant(table, v)).set_index("length").reindex(d["length"])
+                if iv["ppl_lo"].notna().any():
+                    intervals[v] = iv
+    ref = "quant" if "quant" in intervals else "fp" if "fp" in intervals else None
+    if ref is not None:  # one band, not four: every variant reads the same windows, so their bands nearly coincide
+        iv, name = intervals[ref], STYLE[ref][0]
+        fill = "rgba(217,98,43,0.13)" if ref == "quant" else "rgba(31,95,174,0.12)"
+        fig.add_trace(go.Scatter(x=list(iv.index), y=iv["ppl_lo"], mode="lines", line=dict(width=0), showlegend=False,
+                                 hoverinfo="skip", legendgroup="band"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=list(iv.index), y=iv["ppl_hi"], mode="lines", line=dict(width=0), fill="tonexty",
+                                 fillcolor=fill, name=f"{name.split(' (')[0]}: 95% across windows", hoverinfo="skip",
+                                 legendgroup="band"), row=1, col=1)
+    for v in ("fp", "fp_scaled", "quant", "quant_scaled"):
         d = summary[summary["variant"] == v].sort_values("length")
         if d.empty:
             continue
         name, colour = STYLE[v]
         wide = v == "quant"  # drawn under PTQ + scales: wider, so it shows where the two coincide
+        hover, custom = f"{name}: %{{y:.4f}}", None
+        if v in intervals:
+            iv = intervals[v]
+            custom = list(zip(iv["ppl_lo"], iv["ppl_hi"], iv["windows"]))
+            hover += " (95%: %{customdata[0]:.4f}-%{customdata[1]:.4f} across %{customdata[2]} windows)"
         fig.add_trace(go.Scatter(x=d["length"], y=d["ppl"], name=name, mode="lines+markers",
                                  line=dict(color=colour, width=6 if wide else 2.5, dash={"fp": "dot", "fp_scaled": "dash"}.get(v)),
-                                 marker=dict(size=13 if wide else 8),
-                                 hovertemplate=f"{name}: %{{y:.4f}}<extra></extra>"), row=1, col=1)
+                                 marker=dict(size=13 if wide else 8), customdata=custom,
+                                 hovertemplate=hover + "<extra></extra>"), row=1, col=1)
+    if ref is not None:  # the curves stay readable: the band shows at most one curve-span beyond them
+        ys = summary["ppl"].astype(float)
+        lo_c, hi_c = float(ys.min()), float(ys.max())
+        span = max(hi_c - lo_c, 0.02 * hi_c)
+        band_lo, band_hi = float(intervals[ref]["ppl_lo"].min()), float(intervals[ref]["ppl_hi"].max())
+        lo = max(min(band_lo, lo_c - 0.1 * span), lo_c - span, 0.0)
+        hi = min(max(band_hi, hi_c + 0.1 * span), hi_c + span)
+        fig.update_yaxes(range=[lo, hi], row=1, col=1)
     if has_change:
         t = change_table(summary)
-        fig.add_trace(go.Scatter(x=t["length"], y=t["scaled vs PTQ %"], name="change vs PTQ", showlegend=False,
-                                 mode="lines+markers", line=dict(color="#9e9e9e", width=1.5),  # neutral: the markers say better/worse
-                                 marker=dict(size=9, symbol="diamond",
-                                             color=[STYLE["scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t["scaled vs PTQ %"]]),
-                                 hovertemplate="PTQ + scales vs PTQ: %{y:+.3f}%<extra></extra>"), row=2, col=1)
+        paired = paired_changes(table) if table is not None else {}
+        for name, label_, colour, dash in (("scaled vs PTQ %", "PTQ + scales vs PTQ", "#9e9e9e", None),
+                                           ("FP + scales vs FP %", "FP + scales vs FP (control)", STYLE["fp_scaled"][1], "dash")):
+            if name not in t:
+                continue
+            bars, custom, hover = None, None, f"{label_}: %{{y:+.3f}}%"
+            if name in paired:
+                iv = paired[name].set_index("length").reindex(t["length"])
+                bars = _bars(iv["change_lo_pct"], iv["change_hi_pct"], t[name])
+                if bars is not None:
+                    bars.update(color=colour if dash else "#616161")
+                    custom = list(zip(iv["change_lo_pct"], iv["change_hi_pct"], iv["windows"]))
+                    hover += " (95%: %{customdata[0]:+.3f}% to %{customdata[1]:+.3f}%, paired on %{customdata[2]} windows)"
+            control = dash is not None
+            fig.add_trace(go.Scatter(
+                x=t["length"] * (1.03 if control else 1.0), y=t[name],  # the control a step right: bars stay apart
+                name="change vs FP (control)" if control else "change vs PTQ", showlegend=control,
+                mode="lines+markers", line=dict(color=colour, width=1.5, dash=dash),  # neutral: the markers say better/worse
+                marker=dict(size=8 if control else 9, symbol="circle-open" if control else "diamond",
+                            color=colour if control else [STYLE["quant_scaled"][1] if c <= 0 else REJECTED_COLOUR for c in t[name]]),
+                error_y=bars, customdata=custom, hovertemplate=hover + "<extra></extra>"), row=2, col=1)
         if prev is not None and {"quant"} <= set(previous["variant"]):
             pt = change_table(previous)
             if "scaled vs PTQ %" in pt:
@@ -108,7 +248,7 @@ def scales_figure(scales, windows: pd.DataFrame, folds: pd.DataFrame | None = No
     reasons = list(w["reason"]) if "reason" in w else [""] * len(w)
     fig = go.Figure()
     fig.add_trace(go.Bar(x=bands, y=[x - 1 for x in g], base=[1.0] * len(g), name="scale g_b",
-                         marker_color=[STYLE["scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
+                         marker_color=[STYLE["quant_scaled"][1] if x >= 1 else STYLE["quant"][1] for x in g],
                          opacity=0.55, hoverinfo="skip"))
     fig.add_trace(go.Scatter(
         x=bands, y=g, mode="markers", name="g_b and window G_b", marker=dict(size=10, color="#222222", symbol="diamond"),
@@ -160,7 +300,7 @@ def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_shor
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.55, 0.45],
                         subplot_titles=("Objective vs unscaled PTQ (length-weighted log-perplexity; lower = better)",
                                         "Shortest length vs unscaled PTQ (the guard)"))
-    palette = (STYLE["scaled"][1], "#1f5fae")
+    palette = (STYLE["quant_scaled"][1], "#1f5fae")
     for s, d in h.groupby("sweep"):
         ok = d[d["guard_ok"].astype(bool)]
         fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers", name=f"sweep {int(s) + 1}",

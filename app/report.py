@@ -31,54 +31,55 @@ KINDS = ("perplexity", "diagnostics", "tune", "search")  # job kinds a report dr
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """What the session ran with, as plain JSON values (the engine's own to_dict() forms)."""
+    """What the session ran with, as plain JSON values: the model's load settings, the Recipe
+    (qroar.recipe.Recipe.to_dict) whose scales are the chosen ones, the corpus and the evaluation."""
 
     model: dict  # app.engine.ModelKey.to_dict()
-    pi: dict  # qroar.rope.PIConfig.to_dict()
-    quant: dict | None  # qroar.quant.QuantConfig.to_dict(); None: full precision
+    recipe: dict  # qroar.recipe.Recipe.to_dict()
     corpus: str
     eval: dict  # qroar.perplexity.EvalConfig.to_dict(): lengths, stride, max_windows_per_doc, ...
-    bands: dict = field(default_factory=lambda: {"n_bands": 8, "align": "log"})
-    scale: dict = field(default_factory=lambda: {"mode": "shared", "order": "before"})
-    scales: tuple[float, ...] | None = None
     model_info: dict | None = None  # ModelInfo fields of the loaded model (for the header)
+    scales_from: str | None = None  # where the chosen scales came from ("Search result ...", "Tune ...")
+
+    @property
+    def r(self):
+        from qroar.recipe import Recipe
+
+        return Recipe.from_dict(self.recipe)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["scales"] = None if self.scales is None else list(self.scales)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReportSettings":
-        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        if kw.get("scales") is not None:
-            kw["scales"] = tuple(float(g) for g in kw["scales"])
-        return cls(**kw)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def settings_table(s: ReportSettings) -> pd.DataFrame:
     """The settings as (setting, value) rows, in the order of the Setup page."""
-    pi, q, e = s.pi, s.quant, s.eval
-    extra = ", ".join(f"{k}={v}" for k, v in (pi.get("params") or {}).items())
+    r, e = s.r, s.eval
+    pi, q = r.pi, r.quant
+    extra = ", ".join(f"{k}={v}" for k, v in pi.params)
     rows = [("model", s.model.get("name")), ("device / dtype", f"{s.model.get('device')} / {s.model.get('dtype')}")]
     if s.model_info:
         i = s.model_info
         rows.append(("model shape", f"{i.get('n_layers')} layers, {i.get('n_heads')}/{i.get('n_kv_heads')} heads, "
                                     f"head_dim {i.get('head_dim')}, trained context {i.get('trained_context')}"))
-    rows.append(("position interpolation", "none" if pi["rope_type"] == "default" else
-                 f"{pi['rope_type']} x{pi['factor']:g}" + (f" (original {pi['original_max_position_embeddings']})"
-                                                           if pi.get("original_max_position_embeddings") else "")
+    rows.append(("position interpolation", "none" if pi.rope_type == "default" else
+                 f"{pi.rope_type} x{pi.factor:g}" + (f" (original {pi.original_max_position_embeddings})"
+                                                     if pi.original_max_position_embeddings else "")
                  + (f"; {extra}" if extra else "")))
-    rows.append(("quantizer", "none (full precision)" if q is None or q["method"] == "none" else
-                 f"{q['method']} w{q['bits']} group {q['group_size'] or 'per channel'} "
-                 f"{'sym' if q['symmetric'] else 'asym'}, scope {q['scope']}"))
+    rows.append(("quantizer", "none (full precision)" if not r.quantized else
+                 f"{q.method} w{q.bits} group {q.group_size or 'per channel'} "
+                 f"{'sym' if q.symmetric else 'asym'}, scope {q.scope}"))
     rows.append(("corpus", s.corpus))
     rows.append(("context lengths", ", ".join(str(n) for n in e.get("lengths", ()))))
     rows.append(("windows per document", e.get("max_windows_per_doc") or "all"))
     rows.append(("stride", e.get("stride") or "non-overlapping"))
-    rows.append(("bands", f"{s.bands.get('n_bands')} ({s.bands.get('align')}-spaced)"))
-    rows.append(("rescaling", f"{s.scale.get('mode')} mode, {s.scale.get('order')} quantization"))
-    rows.append(("scales", "all 1" if s.scales is None else ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(s.scales))))
+    rows.append(("bands", f"{r.bands.n_bands} ({r.bands.align}-spaced)"))
+    rows.append(("rescaling", f"{r.scale.mode} mode, {r.scale.order} quantization"))
+    rows.append(("scales", "all 1" if r.scales is None else ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales))
+                 + (f" ({s.scales_from})" if s.scales_from and r.scales is not None else "")))
     return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
 
 
@@ -94,25 +95,12 @@ def _model_args(m: dict) -> list[str]:
     return args
 
 
-def _pi_args(pi: dict) -> list[str]:
-    if pi["rope_type"] == "default":
-        return []
-    args = ["--pi", pi["rope_type"], "--factor", f"{pi['factor']:g}"]
-    if pi.get("original_max_position_embeddings"):
-        args += ["--original", str(pi["original_max_position_embeddings"])]
-    for k, v in (pi.get("params") or {}).items():
-        args += ["--pi-param", f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"]
-    return args
+def _recipe(d: dict, **changes):
+    from dataclasses import replace
 
+    from qroar.recipe import Recipe
 
-def _quant_args(q: dict | None) -> list[str]:
-    if q is None or q["method"] == "none":
-        return ["--quant", "none"]
-    args = ["--quant", q["method"], "--bits", str(q["bits"]), "--group-size", str(q["group_size"]), "--scope", q["scope"]]
-    args += ["--sym"] * bool(q["symmetric"])
-    if q["method"] in ("gptq", "awq"):
-        args += ["--calib-samples", str(q["n_samples"]), "--calib-len", str(q["seq_len"])]
-    return args
+    return replace(Recipe.from_dict(d), **changes)
 
 
 def _line(args: list[str], width: int = 88) -> str:
@@ -132,12 +120,12 @@ def _line(args: list[str], width: int = 88) -> str:
     return " \\\n".join(lines)
 
 
-def eval_command(s: ReportSettings, out: str = "perplexity") -> str:
+def eval_command(s: ReportSettings, out: str = "perplexity", scales: bool = False) -> str:
+    """`qroar eval` of the session's recipe (with its scales when asked: what Tune measured)."""
     e = s.eval
-    args = ["eval", *_model_args(s.model), *_pi_args(s.pi), *_quant_args(s.quant), "--corpus", s.corpus,
-            "--lengths", ",".join(str(n) for n in e["lengths"])]
-    if e.get("max_windows_per_doc"):
-        args += ["--max-windows", str(e["max_windows_per_doc"])]
+    r = _recipe(s.recipe, windows=None) if scales else _recipe(s.recipe, scales=None, edges=None, windows=None)
+    args = ["eval", *_model_args(s.model), *r.to_args(), "--corpus", s.corpus,
+            "--lengths", ",".join(str(n) for n in e["lengths"]), "--max-windows", str(e.get("max_windows_per_doc") or 0)]
     if e.get("stride"):
         args += ["--stride", str(e["stride"])]
     return _line(args + ["--out", out])
@@ -145,11 +133,18 @@ def eval_command(s: ReportSettings, out: str = "perplexity") -> str:
 
 def diagnose_command(s: ReportSettings, diag: dict, out: str = "diagnostics") -> tuple[str, list[str]]:
     """`qroar diagnose` for a DiagResult's settings; also the settings the command line cannot set."""
+    from qroar.quant import QuantConfig
+    from qroar.rope import PIConfig
+
     cfg = diag.get("diag", {})
     band_cfg = cfg.get("bands") or {}  # None in the config: the bands the workbench had, recorded as edges
     n_bands = band_cfg.get("n_bands") or len(diag.get("bands", {}).get("edges", [0] * 9)) - 1
-    args = ["diagnose", *_model_args(s.model), *_pi_args(diag.get("pi", s.pi)), *_quant_args(diag.get("quant", s.quant)),
-            "--corpus", diag.get("corpus", s.corpus), "--bands", str(n_bands), "--band-align", band_cfg.get("align", "log"), "--capture-length", str(diag["capture_length"]),
+    q = diag.get("quant")
+    r = _recipe(s.recipe, pi=PIConfig.from_dict(diag["pi"]) if diag.get("pi") else _recipe(s.recipe).pi,
+                quant=QuantConfig.from_dict(q) if q else QuantConfig(method="none"), scales=None, edges=None, windows=None)
+    r = r.set("bands.n_bands", n_bands).set("bands.align", band_cfg.get("align", "log"))
+    args = ["diagnose", *_model_args(s.model), *r.to_args(),
+            "--corpus", diag.get("corpus", s.corpus), "--capture-length", str(diag["capture_length"]),
             "--n-docs", str(cfg.get("n_docs", 4)), "--eps", f"{cfg.get('eps', 1e-3):g}"]
     if cfg.get("axis") is False:
         args.append("--no-axis")
@@ -159,25 +154,16 @@ def diagnose_command(s: ReportSettings, diag: dict, out: str = "diagnostics") ->
         args += ["--ip-lengths", ",".join(map(str, cfg["ip_lengths"]))]
     missing = [f"{k}={cfg[k]}" for k, default in (("noise_pairs", 256), ("skip_first", 0), ("seed", 0))
                if k in cfg and cfg[k] != default]
-    return _line(args + ["--out", out, "--figures", "html"]), missing
+    return _line(args + ["--out", out]), missing
 
 
-def search_command(s: ReportSettings, search: dict, out: str = "scales.json") -> str:
-    """`qroar search` for a SearchResult's settings (its search config and the windows it searched in)."""
-    c = search.get("search", {})
-    args = ["search", *_model_args(s.model), *_pi_args(search.get("pi", s.pi)), *_quant_args(search.get("quant", s.quant)),
-            "--bands", str(s.bands.get("n_bands")), "--band-align", s.bands.get("align", "log"),
-            "--mode", c.get("mode", s.scale.get("mode")), "--order", c.get("order", s.scale.get("order")),
-            "--dev-corpus", c.get("dev_corpus", "embedded:dev"), "--heldout-corpus", c.get("heldout_corpus", "embedded:heldout"),
-            "--lengths", ",".join(map(str, c.get("lengths", s.eval["lengths"])))]
-    if c.get("length_weights"):
-        args += ["--length-weights", ",".join(f"{w:g}" for w in c["length_weights"])]
-    if c.get("max_windows_per_doc"):
-        args += ["--max-windows", str(c["max_windows_per_doc"])]
-    args += ["--candidates", str(c.get("n_candidates", 7)), "--sweeps", str(c.get("sweeps", 1)),
-             "--guard", f"{c.get('guard_tol', 0.005):g}", "--folds", str(c.get("k_folds", 0))]
-    if search.get("windows"):
-        args += ["--windows", ",".join(f"{lo:.6g}:{hi:.6g}" for lo, hi in search["windows"])]
+def search_command(s: ReportSettings, res, out: str = "scales.json") -> str:
+    """`qroar search` that reruns a SearchResult: its recipe (windows as searched) and its search settings."""
+    from qroar.search import SearchConfig, search_args
+
+    w = res.windows.sort_values("band")
+    r = _recipe(res.recipe, scales=None, windows=tuple(zip(w["g_min"].astype(float), w["g_max"].astype(float))))
+    args = ["search", *_model_args(s.model), *r.to_args(), *search_args(SearchConfig.from_dict(res.search_cfg))]
     return _line(args + ["--out", out, "--report", "search"])
 
 
@@ -223,20 +209,21 @@ def diagnostics_section(res, s: ReportSettings) -> Section:
     return Section("Diagnostics", text, tuple(diag_charts.figures(t, st.get("trained_context")).items()),
                    (("Interpolation Pressure, band mean", ip), ("Tail Inflation Ratio, median over layers (W: projections, A: per axis)", tir),
                     ("Relative logit noise (RMS error / RMS logit), pooled over sampled layers, by distance bucket", noise)),
-                   (cmd,))
+                   (cmd, "qroar-figures diagnostics --format html"))
 
 
 def tune_section(res, s: ReportSettings) -> Section:
     from app import qroar_charts
 
-    t = res.tuning
+    t = res.recipe
     scales = pd.DataFrame({"band": [f"b{b}" for b in range(len(t.scales))], "scale g_b": list(t.scales)})
     text = f"Scales set by hand ({t.scale.mode} mode, {t.scale.order} quantization), {res.seconds:.1f} s."
     if res.note:
         text += f" Note: {res.note}"
     return Section("Tune", text, (("tune", qroar_charts.tune_figure(res.summary, res.trained_context)),),
                    (("Perplexity per length: FP, PTQ, PTQ + scales", qroar_charts.change_table(res.summary)),
-                    ("Scales", scales)))
+                    ("Scales", scales)),
+                   (eval_command(ReportSettings(s.model, res.recipe.to_dict(), s.corpus, s.eval), "tune", scales=True),))
 
 
 def search_section(res, s: ReportSettings) -> Section:
@@ -247,11 +234,11 @@ def search_section(res, s: ReportSettings) -> Section:
     if len(res.history) and len(dev_quant):
         short = float(dev_quant.loc[dev_quant["length"].idxmin(), "log_ppl"])
         trace = qroar_charts.trace_figure(res.history[res.history["fold"] == "all"], res.objective["dev"]["quant"],
-                                          short, res.settings.get("search", {}).get("guard_tol", 0.005), res.scales)
+                                          short, (res.search_cfg or {}).get("guard_tol", 0.005), res.scales)
         figs.append(("search_trace", trace))
     held = res.heldout.pivot(index="length", columns="variant", values="ppl").reset_index()
-    if {"quant", "scaled"} <= set(held.columns):
-        held["scaled vs PTQ %"] = 100 * (held["scaled"] / held["quant"] - 1)
+    if {"quant", "quant_scaled"} <= set(held.columns):
+        held["scaled vs PTQ %"] = 100 * (held["quant_scaled"] / held["quant"] - 1)
     windows = res.windows.assign(scale=res.scales)
     text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.evaluations} evaluations, "
             f"{res.seconds:.1f} s).")
@@ -260,7 +247,7 @@ def search_section(res, s: ReportSettings) -> Section:
     tables = [("Held-out perplexity (documents the search never saw)", held), ("Windows and chosen scales", windows)]
     if res.folds is not None:
         tables.append(("k-fold stability of the chosen scales", res.folds))
-    return Section("Search", text, tuple(figs), tuple(tables), (search_command(s, res.settings),))
+    return Section("Search", text, tuple(figs), tuple(tables), (search_command(s, res),))
 
 
 SECTIONS: dict[str, Callable[[Any, ReportSettings], Section]] = {  # job kind -> section builder
@@ -272,9 +259,11 @@ def sections(results: dict[str, Any], s: ReportSettings) -> list[Section]:
     """The settings first, then one section per result present (in KINDS order), then the scales and commands."""
     out = [Section("Settings", "What the session ran with.", tables=(("", settings_table(s)),))]
     out += [SECTIONS[k](results[k], s) for k in KINDS if results.get(k) is not None]
-    if s.scales is not None:
-        scales = pd.DataFrame({"band": [f"b{b}" for b in range(len(s.scales))], "scale g_b": list(s.scales)})
-        out.append(Section("Chosen scales", f"{s.scale.get('mode')} mode, {s.scale.get('order')} quantization; "
+    r = s.r
+    if r.scales is not None:
+        scales = pd.DataFrame({"band": [f"b{b}" for b in range(len(r.scales))], "scale g_b": list(r.scales)})
+        out.append(Section("Chosen scales", (f"From {s.scales_from}; " if s.scales_from else "")
+                           + f"{r.scale.mode} mode, {r.scale.order} quantization; "
                            "save them as a scales file from the Export page (`qroar apply` / `qroar export` read it).",
                            tables=(("", scales),)))
     cmds = [c for sec in out for c in sec.code] or [eval_command(s)]

@@ -9,6 +9,7 @@ Pages read settings with `get(name)`, build engine settings with the `*_config()
 from __future__ import annotations
 
 import copy
+import time
 
 import streamlit as st
 
@@ -39,20 +40,6 @@ DEFAULTS = {
     "model.dtype": "auto",
     "model.allow_pickle": False,
     "model.trust_remote_code": False,
-    "pi.rope_type": "yarn",
-    "pi.factor": 8.0,
-    "pi.original": 0,  # 0: the model's trained context
-    "pi.beta_fast": 32.0,
-    "pi.beta_slow": 1.0,
-    "pi.low_freq_factor": 1.0,
-    "pi.high_freq_factor": 4.0,
-    "quant.method": "rtn",
-    "quant.bits": 4,
-    "quant.group_size": 128,
-    "quant.symmetric": False,
-    "quant.scope": "linear",
-    "quant.calib_samples": 16,
-    "quant.calib_len": 0,  # 0: the model's trained context
     "corpus.source": "embedded:heldout",
     "corpus.path": "",
     "corpus.hf": "",
@@ -60,14 +47,7 @@ DEFAULTS = {
     "eval.max_windows": 4,  # 0: every window of every document
     "eval.stride": 0,  # 0: non-overlapping windows
     "view.log_y": False,
-    # Q-ROAR (Tune, Search, Export): bands, mode/order, scales and windows are shared by the three pages
-    "qroar.n_bands": 8,
-    "qroar.align": "log",  # "log" | "yarn"
-    "qroar.mode": "shared",  # "symmetric" | "shared"
-    "qroar.order": "before",  # "before" | "after" quantization
-    "qroar.scales": None,  # one float per band; None: all 1
-    "qroar.windows": None,  # {"edges": [...], "windows": [[g_min, g_max], ...]} moved by hand; None: the rule's
-    "qroar.edges": None,  # {"n_bands", "align", "edges"} from a scales file; None: edges by the rule
+    # Q-ROAR page options (the bands, mode/order, scales and windows are the session's Recipe)
     "qroar.auto_run": True,  # re-run perplexity when a scale moves
     "qroar.control": False,  # also evaluate FP + scales (tells temperature gains from quantization repair)
     "qroar.max_windows": 1,  # windows per document and length on Tune (0: as on Setup)
@@ -83,17 +63,27 @@ DEFAULTS = {
     "search.max_windows": 2,  # 0: every window
     "search.checkpoint": "",
     "search.k_folds": 0,
-    "search.race": False,  # successive halving over dev documents
+    "search.strategy": "grid",  # a key of qroar.search.STRATEGIES
+    "search.objective": "ppl",  # a key of qroar.search.OBJECTIVES
     "search.nested": False,  # every length from one forward at the longest
     "export.folder": "",
-    "export.quantized": False,
+    "export.format": "hf",  # a key of qroar.export.FORMATS
+    "export.overwrite": False,  # replace an earlier export in export.folder
+    "export.scales_from": None,  # "tune" | "search"; None: the latest of the two
 }
 
 
-def register_defaults(defaults: dict) -> None:
-    """A page's own settings (names like "diag.n_bands"): call at the top of the page, before its widgets."""
-    for name, value in defaults.items():
-        DEFAULTS.setdefault(name, value)
+def default_recipe():
+    """What a new session starts with: YaRN x8 (the coupling worth seeing), RTN W4 g128, 8 log bands, shared mode."""
+    from qroar.recipe import Recipe
+    from qroar.rope import PIConfig
+
+    return Recipe(pi=PIConfig("yarn", 8.0, None, (("beta_fast", 32.0), ("beta_slow", 1.0))))
+
+
+# Setting names whose head is a Recipe field are read from and written to the session's Recipe
+# (qroar.recipe.Recipe.get/set by dotted path): "pi.factor", "quant.bits", "bands.n_bands", "scale.mode", "scales".
+RECIPE_HEADS = ("pi", "quant", "calib", "bands", "edges", "scale", "scales", "windows")
 
 
 # ----------------------------------------------------------------------------- backend and session
@@ -114,7 +104,24 @@ def session() -> SessionRecord:
     return backend().registry.session(token)
 
 
+def recipe():
+    """This session's Recipe: everything applied to the model (qroar.recipe)."""
+    rec = session()
+    if rec.recipe is None:
+        rec.recipe = default_recipe()
+    return rec.recipe
+
+
+def set_recipe(r) -> None:
+    rec = session()
+    if r.scales != (rec.recipe.scales if rec.recipe is not None else None):
+        rec.scales_changed = time.time()  # Export and Report pick the latest scales: tuned or searched
+    rec.recipe = r
+
+
 def get(name: str):
+    if name.split(".", 1)[0] in RECIPE_HEADS:
+        return recipe().get(name)
     settings = session().settings
     if name in settings:
         return settings[name]
@@ -124,6 +131,9 @@ def get(name: str):
 
 
 def put(name: str, value) -> None:
+    if name.split(".", 1)[0] in RECIPE_HEADS:
+        set_recipe(recipe().set(name, value))
+        return
     if name not in DEFAULTS:
         raise KeyError(f"unknown setting {name!r}: add it to app.state.DEFAULTS")
     session().settings[name] = value
@@ -174,30 +184,6 @@ def trained_context() -> int | None:
 # ----------------------------------------------------------------------------- engine settings
 
 
-def pi_config():
-    from qroar.rope import PIConfig
-
-    rope_type = get("pi.rope_type")
-    if rope_type == "default":
-        return PIConfig()
-    params = []
-    if rope_type == "yarn":
-        params = [("beta_fast", float(get("pi.beta_fast"))), ("beta_slow", float(get("pi.beta_slow")))]
-    elif rope_type == "llama3":
-        params = [("high_freq_factor", float(get("pi.high_freq_factor"))), ("low_freq_factor", float(get("pi.low_freq_factor")))]
-    original = int(get("pi.original") or 0) or None
-    return PIConfig(rope_type, float(get("pi.factor")), original, tuple(sorted(params)))
-
-
-def quant_config():
-    from qroar.quant import QuantConfig
-
-    calib_len = int(get("quant.calib_len") or 0) or (trained_context() or 2048)
-    return QuantConfig(method=get("quant.method"), bits=int(get("quant.bits")), group_size=int(get("quant.group_size")),
-                       symmetric=bool(get("quant.symmetric")), scope=get("quant.scope"),
-                       n_samples=int(get("quant.calib_samples")), seq_len=calib_len).validate()
-
-
 def corpus_spec() -> str:
     from qroar.errors import DataError
 
@@ -238,3 +224,39 @@ def eval_config():
 
     return EvalConfig(lengths=tuple(lengths()), stride=int(get("eval.stride")) or None,
                       max_windows_per_doc=int(get("eval.max_windows")) or None)
+
+
+# ----------------------------------------------------------------------------- which scales Export and Report use
+
+
+def scale_sources() -> list[dict]:
+    """The scales this session produced, latest first: Tune's (the session's recipe, set by hand or taken over)
+    and the last search's. Each: name ("tune" | "search"), label, recipe (qroar.recipe.Recipe), result
+    (a SearchResult or None) and time. A search taken over on Tune is one source, with its results."""
+    from qroar.recipe import Recipe
+
+    rec, out = session(), []
+    job = result("search")
+    searched = None
+    if job is not None and job.result.recipe and not job.result.note:
+        searched = Recipe.from_dict(job.result.recipe)
+        out.append({"name": "search", "label": f"Search result (held-out {100 * job.result.heldout_gain():+.2f}%)",
+                    "recipe": searched, "result": job.result, "time": job.finished or 0.0})
+    r = recipe()
+    if r.scales is not None and rec.scales_changed:
+        if searched is not None and r == searched:
+            out[0]["time"] = max(out[0]["time"], rec.scales_changed)
+        else:
+            out.append({"name": "tune", "label": "Tune (set by hand)", "recipe": r, "result": None,
+                        "time": rec.scales_changed})
+    return sorted(out, key=lambda s: -s["time"])
+
+
+def chosen_scales() -> dict | None:
+    """The source Export and Report use: the one picked with "export.scales_from", else the latest."""
+    sources = scale_sources()
+    pick = get("export.scales_from")
+    for s in sources:
+        if s["name"] == pick:
+            return s
+    return sources[0] if sources else None

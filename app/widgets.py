@@ -151,8 +151,19 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def model_card(info: dict) -> None:
-    """The loaded model in one bordered card: shape, context, RoPE, where it runs."""
+def rope_text(params: dict, trained_context: int | None = None) -> str:
+    """The model's own RoPE in words: `type` · theta · other parameters (empty ones left out) · context."""
+    rp = {k: v for k, v in (params or {}).items() if v is not None and v != {} and v != []}
+    parts = [f"`{rp.pop('rope_type', 'default')}`", f"theta {rp.pop('rope_theta', 10000):,g}"]
+    parts += [f"{k} {v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}" for k, v in rp.items()]
+    if trained_context:
+        parts.append(f"context {trained_context:,}")
+    return " · ".join(parts)
+
+
+def model_card(info: dict, applied: str | None = None) -> None:
+    """The loaded model in one bordered card: shape, context, RoPE as trained beside the position
+    interpolation these settings apply (`applied`, a line of markdown), where it runs."""
     rp = info.get("rope_parameters") or {}
     with st.container(border=True):
         st.markdown(f"**{info['name']}** · `{info['model_type']}` · {info['device']} / {info['dtype']}")
@@ -164,12 +175,15 @@ def model_card(info: dict) -> None:
                        else f"{info['head_dim']} ({info['rotary_dim']} rotary)")
         cols[4].metric("Trained context", f"{info['trained_context']:,}")
         cols[5].metric("RoPE theta", f"{rp.get('rope_theta', 10000):g}")
-        extra = {k: v for k, v in rp.items() if k not in ("rope_theta",)}
-        st.caption(f"RoPE parameters: `{extra}` · hidden {info['hidden_size']} · vocab {info['vocab_size']:,} · "
-                   f"weights fingerprint `{info['fingerprint']}`")
+        r1, r2 = st.columns(2)
+        r1.markdown(f"**RoPE as trained:** {rope_text(rp, info.get('trained_context'))}")
+        r2.markdown(f"**Applied by the settings below:** {applied or 'nothing yet'}")
+        st.caption(f"hidden {info['hidden_size']} · vocab {info['vocab_size']:,} · weights fingerprint `{info['fingerprint']}`")
         if info.get("devices"):
-            st.dataframe(device_memory(info["devices"]), hide_index=True, width="stretch",
-                         column_config={"modules": st.column_config.TextColumn("modules", width="large")})
+            table = device_table(info["devices"])
+            st.dataframe(table, hide_index=True, width="stretch", column_config={
+                "Modules": st.column_config.TextColumn("Modules", width="large", help="The model's modules held there"),
+                **{c: st.column_config.TextColumn(c, width="small") for c in table if c not in ("Device", "Modules")}})
 
 
 def _rss_bytes() -> int | None:
@@ -219,6 +233,29 @@ def device_memory(devices: dict):
     return pd.DataFrame(rows, columns=["device", "modules", "weights_gib", "used_gib", "total_gib", "this_process_gib"])
 
 
+DEVICE_COLUMNS = {"device": "Device", "modules": "Modules", "weights_gib": "Model weights", "used_gib": "In use on device",
+                  "total_gib": "Device total", "this_process_gib": "This process"}
+
+
+def _gib(x) -> str:
+    return "—" if x is None or x != x else f"{x:,.2f} GiB"  # x != x: NaN
+
+
+def _modules(names: list[str]) -> str:
+    """Module names without the decoder's "model." prefix, so the cell stays short."""
+    return ", ".join(n.removeprefix("model.") for n in names)
+
+
+def device_table(devices: dict):
+    """device_memory for reading: headers in words, sizes with units, "—" where a size is unknown."""
+    raw = device_memory(devices)
+    out = raw.rename(columns=DEVICE_COLUMNS)
+    out["Modules"] = [_modules(d.get("modules", [])) for d in devices.values()]
+    for c in ("weights_gib", "used_gib", "total_gib", "this_process_gib"):
+        out[DEVICE_COLUMNS[c]] = [_gib(x) for x in raw[c]]
+    return out
+
+
 def need_model() -> dict:
     """The loaded model's info, or a pointer to Setup and a stop (pages call this first)."""
     info = state.model_info()
@@ -238,11 +275,11 @@ def settings_summary() -> str:
 
     parts = [f"**{state.loaded_key().name}**" if state.loaded_key() else "no model"]
     try:
-        parts.append(f"PI {state.pi_config().label()}")
+        parts.append(f"PI {state.recipe().pi.label()}")
     except QroarError:  # an invalid setting is reported where it is edited
         parts.append("PI ?")
     try:
-        parts.append(state.quant_config().describe())
+        parts.append(state.recipe().quant.describe())
     except QroarError:
         parts.append("quantizer ?")
     src = state.get("corpus.source")

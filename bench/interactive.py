@@ -1,6 +1,6 @@
 """Interactive latency: a Tune slider move to a redrawn PTQ+scales perplexity, on the CPU.
 
-Per move: `set_band_scale` (re-quantizes only that band's q/k rows) + perplexity of the "scaled"
+Per move: `set_band_scale` (re-quantizes only that band's q/k rows) + perplexity of the "quant_scaled"
 variant at the chosen length(s). Baseline in the same run: one bare forward of the same window.
 
   python bench/interactive.py --model qroar-tiny --lengths 2048 --out bench/results/cpu_interactive.json
@@ -58,7 +58,7 @@ def main():
         t0 = time.perf_counter()
         wb.set_band_scale(b, g)
         t1 = time.perf_counter()
-        wb.perplexity([doc], cfg, variants=("scaled",))
+        wb.perplexity([doc], cfg, variants=("quant_scaled",))
         t2 = time.perf_counter()
         rows.append({"band": b, "scale": g, "rescale_s": t1 - t0, "perplexity_s": t2 - t1, "total_s": t2 - t0})
     med = sorted(r["total_s"] for r in rows)[len(rows) // 2]

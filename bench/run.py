@@ -166,17 +166,17 @@ def case_search(wb: Workbench, args):
 
     def one(nested):
         cfg = EvalConfig(lengths=lengths, max_windows_per_doc=1, nested=nested)
-        return lambda: wb.evaluate("bench:dev", cfg, "scaled")
+        return lambda: wb.evaluate("bench:dev", cfg, "quant_scaled")
 
     tiled, _ = timed(one(False), dev)
     nested, _ = timed(one(True), dev)
     n_cand = 8 * 6
     per_doc = nested / n_dev
-    worst = _race_budget(n_dev, [6] * 8, SearchConfig(**base, race=True, nested=True))
+    worst = _race_budget(n_dev, [6] * 8, SearchConfig(**base, strategy="race", nested=True))
     wb.set_scales(None)
     sync(dev)
     t = time.perf_counter()
-    r = search(wb, SearchConfig(**base, race=True, nested=True), windows)
+    r = search(wb, SearchConfig(**base, strategy="race", nested=True), windows)
     sync(dev)
     wall = time.perf_counter() - t
     row = {"case": "search", "bands": 8, "candidates": 7, "dev_docs": n_dev, "heldout_docs": n_held,

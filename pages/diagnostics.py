@@ -4,10 +4,10 @@ import streamlit as st
 
 from app import diag_charts as dc, state, widgets as w
 from app.charts import length_label
-from app.engine import apply_settings, sub_progress
+from app.engine import diagnostics_job
 from app.jobs import DONE
 from qroar.bands import BandConfig
-from qroar.diagnostics import DiagConfig, run_diagnostics
+from qroar.diagnostics import DiagConfig
 from qroar.errors import QroarError
 
 # This page's settings (kept in the session record like every other setting).
@@ -16,16 +16,6 @@ for _name, _value in {"diag.n_bands": 8, "diag.align": "log", "diag.capture_x": 
                       "diag.noise_mode": "isolated", "diag.noise_layer": "all"}.items():
     state.DEFAULTS.setdefault(_name, _value)
 CAPTURE_MULTIPLES = (1.5, 2.0, 4.0, 8.0)
-
-
-def diagnostics_job(backend, key, pi, quant, corpus: str, cfg: DiagConfig, calib: str = "embedded:dev"):
-    """Apply this session's PI and quantizer, then run every diagnostic (engine: qroar.diagnostics)."""
-    def run(progress, cancel):
-        entry = backend.models.get(key, sub_progress(progress, 0.0, 0.05))
-        with entry.wb.lock:
-            apply_settings(entry, pi, quant, calib, sub_progress(progress, 0.05, 0.3), cancel)
-            return run_diagnostics(entry.wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
-    return run
 
 
 st.title("Diagnostics")
@@ -61,13 +51,13 @@ if st.button("Run diagnostics", type="primary", icon=":material/play_arrow:", di
                          capture_length=int(float(state.get("diag.capture_x")) * trained),
                          n_docs=int(state.get("diag.n_docs")), eps=float(state.get("diag.eps")),
                          noise_pairs=int(state.get("diag.noise_pairs")), skip_first=int(bool(state.get("diag.skip_first"))))
-        pi, quant, corpus = state.pi_config(), state.quant_config(), state.corpus_spec()
+        recipe, corpus = state.recipe(), state.corpus_spec()
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
-        fn = diagnostics_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg)
+        fn = diagnostics_job(state.backend(), state.loaded_key(), recipe, corpus, cfg)
         state.submit("diagnostics", fn, label=f"Diagnostics at {length_label(cfg.capture_length)} tokens",
-                     meta={"pi": pi.label(), "quant": quant.describe(), "corpus": corpus})
+                     meta={"pi": recipe.pi.label(), "quant": recipe.quant.describe(), "corpus": corpus})
         st.rerun()
 
 job = w.job_status("diagnostics")
@@ -85,8 +75,9 @@ st.caption(f"PI {job.meta.get('pi')} · {job.meta.get('quant')} · {len(s['docs'
 
 st.subheader("Bands and frequencies")
 st.plotly_chart(dc.bands_figure(t["pairs"], s["trained_context"]), width="stretch")
-st.caption("What to look for: pairs whose wavelength after PI (orange) exceeds the trained context never completed "
-           "a turn in training; s_j (dotted, right axis) is how much PI slows each pair down.")
+st.caption("Blue: each pair's wavelength as trained; orange: after PI; dashed: the trained context. What to look for: "
+           "pairs whose blue wavelength lies above the dashed line never completed a turn in training; s_j (dotted, "
+           "right axis) is how much PI slows each pair down, 1 where a pair is kept as trained.")
 
 st.subheader("Interpolation Pressure")
 st.plotly_chart(dc.ip_heatmap(t["ip"], s["trained_context"]), width="stretch")
@@ -96,8 +87,8 @@ st.caption("IP_j(D) = omega_j D / s_j^2: how fast the phase at distance D moves 
 for kind, title, what in (
     ("W", "Tail Inflation Ratio of the projections (TIR_W)",
      "Q(1-eps) of |W_b h| at positions beyond the trained context over the same quantile inside it. What to look "
-     "for: red cells (> 1) are bands whose outputs grow at long context; a difference panel far from 0 means the "
-     "quantizer changes that growth."),
+     "for: red cells (> 1, without a dot) are bands whose outputs grow at long context; orange or purple cells in "
+     "the difference panel (quantized - full precision, same tokens) are where the quantizer changes that growth."),
     ("A", "Tail Inflation Ratio per axis after RoPE (TIR_A)",
      "The same ratio on the rotated q and k components, what an axis-aligned grid of rotated vectors sees. What to "
      "look for: bands where TIR_A exceeds TIR_W: rotation spreads the tail over both axes of a pair."),
@@ -106,6 +97,7 @@ for kind, title, what in (
         st.subheader(title)
         st.plotly_chart(dc.tir_heatmaps(t["tir"], kind), width="stretch")
         st.caption(what)
+        st.caption(dc.tir_sampling_note(t["tir"], kind, s["diag"].get("eps")))
 
 st.subheader("Per-band quantization error")
 st.plotly_chart(dc.quant_error_heatmap(t["quant_error"]), width="stretch")
@@ -124,9 +116,12 @@ with c2:
 noise = t["logit_noise_pooled"] if layer == "all" else t["logit_noise"][t["logit_noise"].layer == int(layer)]
 st.plotly_chart(dc.noise_heatmap(noise, mode), width="stretch")
 st.plotly_chart(dc.noise_lines(noise, mode), width="stretch")
-st.caption("RMS of (quantized - full precision) band logits (q_b . k_b) / sqrt(d) over sampled query-key pairs, "
-           "relative to the RMS full-precision band logit. What to look for: error that grows with distance in "
-           "the low-frequency bands is the PI x quantization coupling Q-ROAR targets.")
+st.caption("Both charts: the RMS of (quantized - full precision) band logits q_b . k_b (times the attention's "
+           "scaling) over the sampled query-key pairs of each distance bucket, in percent of the RMS full-precision "
+           f"band logit; {int(noise.n_pairs.iloc[0]):,} samples per bucket (sampled pairs x documents"
+           + (" x sampled layers, pooled)" if layer == "all" else f", layer {layer})") + ", every query head. "
+           "What to look for: error that grows with distance in the low-frequency bands (the higher b) is the PI x "
+           "quantization coupling Q-ROAR targets; flat lines mean the error does not depend on position.")
 
 st.download_button("Download all tables (JSON)", res.to_json(), file_name="qroar_diagnostics.json",
                    mime="application/json", icon=":material/download:")

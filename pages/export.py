@@ -1,27 +1,15 @@
 """Export: the scales file (preview, download, import) and a checkpoint with the scales folded in."""
 
-from dataclasses import replace
-
 import streamlit as st
 
 from app import state, widgets as w
-from app.engine import (MAX_SCALES_FILE_BYTES, band_edges, checkpoint_job, import_scales, loaded_entry,
-                        scales_file_job, settings_from_scales_file, tuning_from_settings)
+from app.engine import MAX_SCALES_FILE_BYTES, checkpoint_job, import_scales, loaded_entry, scales_file_job
 from app.jobs import DONE
+from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
+from qroar.export import FORMATS
 
 IMPORTED = "qroar.imported"  # st.session_state: (file id, message) of the last upload handled
-state.register_defaults({"export.overwrite": False})
-
-
-def search_result_for(tuning):
-    """The last search job when the current scales are the ones it chose (its figures go in the file)."""
-    job = state.result("search")
-    if job is None:
-        return None
-    r = job.result
-    same = tuple(r.scales) == tuple(tuning.scales) and r.scale_cfg == tuning.scale
-    return job if same and list(r.settings.get("bands", [])) == list(tuning.edges or []) else None
 
 
 def handle_upload(upload) -> None:
@@ -36,9 +24,9 @@ def handle_upload(upload) -> None:
         st.caption("Nothing was changed. Choose a scales file written by qroar (Export page or `qroar export`) "
                    "for the loaded model.")
         return
-    before = (state.pi_config().label(), state.quant_config().describe())
-    for k, v in settings_from_scales_file(sf).items():
-        state.put(k, v)
+    before = (state.recipe().pi.label(), state.recipe().quant.describe())
+    state.set_recipe(sf.recipe)
+    state.put("export.scales_from", "tune")
     after = (sf.pi.label(), sf.quant.describe() if sf.quant is not None else "fp")
     msg = (f"Imported **{upload.name}**: {len(sf.scales)} {sf.band_cfg.align} bands, {sf.scale_cfg.mode} mode, "
            f"{sf.scale_cfg.order} quantization, scales " + ", ".join(f"{g:.3f}" for g in sf.scales) + ".")
@@ -55,28 +43,43 @@ st.caption("Save the current scales with everything needed to reproduce them, lo
 info = w.need_model()
 st.markdown(w.settings_summary())
 
+sources = state.scale_sources()
+if not sources:
+    st.info("No scales yet: move a scale on Tune or run a Search (or import a scales file below).", icon=":material/info:")
+    source = None
+else:
+    if len(sources) > 1:
+        names = [s["name"] for s in sources]
+        chosen = state.chosen_scales()["name"]
+        pick = st.radio("Scales to export", names, index=names.index(chosen), horizontal=True,
+                        format_func=lambda n: next(s["label"] for s in sources if s["name"] == n)
+                        + (" · latest" if n == names[0] else ""),
+                        help="Export and Report use the latest scales you produced unless you pick the other here.")
+        if pick != chosen:
+            state.put("export.scales_from", pick)
+            st.rerun()
+    source = state.chosen_scales()
 try:
-    pi, quant = state.pi_config(), state.quant_config()
-    entry = loaded_entry(state.backend(), state.loaded_key())
-    tuning = tuning_from_settings(state.get, int(info["rotary_dim"]) // 2)
-    tuning = replace(tuning, edges=band_edges(entry, pi, tuning.bands, tuning.edges))
+    recipe = source["recipe"] if source is not None else state.recipe()
+    geo = loaded_entry(state.backend(), state.loaded_key()).wb.geometry
+    recipe = recipe.with_scales(recipe.scales or [1.0] * recipe_mod.band_edges(recipe, geo).n_bands)
 except QroarError as e:
     st.error(str(e), icon=":material/error:")
     st.stop()
-found = search_result_for(tuning)
-result = found.result if found is not None else None
+result = source["result"] if source is not None else None
 
 # ----------------------------------------------------------------------------- scales file
 st.subheader("1 · Scales file")
-st.caption(f"{len(tuning.scales)} {tuning.bands.align} bands · {tuning.scale.mode} mode · {tuning.scale.order} "
-           "quantization · scales " + ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(tuning.scales))
-           + (" · with the last search's objective and held-out results" if result is not None else ""))
-sig = repr((state.loaded_key(), pi, quant, tuning, found.id if found is not None else None))
+st.caption(f"From **{source['label'] if source else 'no scales (all 1)'}** · {len(recipe.scales)} {recipe.bands.align} "
+           f"bands · {recipe.scale.mode} mode · {recipe.scale.order} quantization · scales "
+           + ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(recipe.scales))
+           + (" · with the search's objective and held-out results" if result is not None else ""))
+sig = repr((state.loaded_key(), recipe, id(result)))
 last = state.job("scales_file")
 if last is None or last.meta.get("sig") != sig:
     if last is not None and not last.is_finished:
         state.backend().queue.cancel(last.id)
-    state.submit("scales_file", scales_file_job(state.backend(), state.loaded_key(), pi, quant, tuning, result),
+    state.submit("scales_file", scales_file_job(state.backend(), state.loaded_key(), recipe, result),
                  label="Preparing the scales file", meta={"sig": sig})
 w.job_status("scales_file")
 job = state.result("scales_file")
@@ -111,14 +114,14 @@ with c1:
     w.toggle("Overwrite an earlier export there", "export.overwrite",
              help="Without it an earlier export in the folder is left as it is. Files of your own in it are kept.")
 with c2:
-    w.radio("Weights", "export.quantized", [False, True], horizontal=True,
-            format_func=lambda q: "fake-quantized (as evaluated)" if q else "full precision, scales folded in",
-            help="Full precision: quantize it with your own tool afterwards. Fake-quantized: the exact weights "
+    w.radio("Format", "export.format", [k for k, f in FORMATS.items() if f.folder], horizontal=True,
+            format_func=lambda k: FORMATS[k].label,
+            help="hf: full precision, quantize it with your own tool afterwards. fake-quant: the exact weights "
                  "Q-ROAR evaluated, stored in the model's dtype.")
 busy = w.is_running("checkpoint")
 if st.button("Export folded checkpoint", icon=":material/save:", disabled=busy):
-    fn = checkpoint_job(state.backend(), state.loaded_key(), pi, quant, tuning, state.get("export.folder"),
-                        bool(state.get("export.quantized")), result, overwrite=bool(state.get("export.overwrite")))
+    fn = checkpoint_job(state.backend(), state.loaded_key(), recipe, state.get("export.folder"),
+                        state.get("export.format"), result, overwrite=bool(state.get("export.overwrite")))
     state.submit("checkpoint", fn, label="Writing the checkpoint", meta={"folder": state.get("export.folder")})
     st.rerun()
 ck = w.job_status("checkpoint")

@@ -22,13 +22,13 @@ with c2:
 
 if run:
     try:
-        pi, quant, corpus, cfg = state.pi_config(), state.quant_config(), state.corpus_spec(), state.eval_config()
+        recipe, corpus, cfg = state.recipe(), state.corpus_spec(), state.eval_config()
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
-        fn = perplexity_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg)
+        fn = perplexity_job(state.backend(), state.loaded_key(), recipe, corpus, cfg)
         state.submit("perplexity", fn, label=f"Perplexity at {len(cfg.lengths)} length(s)",
-                     meta={"pi": pi.label(), "quant": quant.describe(), "corpus": corpus})
+                     meta={"pi": recipe.pi.label(), "quant": recipe.quant.describe(), "corpus": corpus})
         st.rerun()
 
 current = w.job_status("perplexity")

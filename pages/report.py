@@ -15,12 +15,11 @@ info = w.need_model()
 st.markdown(w.settings_summary())
 
 try:
-    settings = report.ReportSettings(
-        model=state.loaded_key().to_dict(), pi=state.pi_config().to_dict(),
-        quant=state.quant_config().to_dict(), corpus=state.corpus_spec(), eval=state.eval_config().to_dict(),
-        bands={"n_bands": int(state.get("qroar.n_bands")), "align": state.get("qroar.align")},
-        scale={"mode": state.get("qroar.mode"), "order": state.get("qroar.order")},
-        scales=None if state.get("qroar.scales") is None else tuple(state.get("qroar.scales")), model_info=info)
+    source = state.chosen_scales()  # the latest scales the user produced (Tune or Search), or the one picked on Export
+    recipe = source["recipe"] if source is not None else state.recipe()
+    settings = report.ReportSettings(model=state.loaded_key().to_dict(), recipe=recipe.to_dict(),
+                                     corpus=state.corpus_spec(), eval=state.eval_config().to_dict(), model_info=info,
+                                     scales_from=source["label"] if source is not None else None)
 except QroarError as e:
     st.error(f"{e} The report needs valid settings.", icon=":material/error:")
     st.stop()

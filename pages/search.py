@@ -7,11 +7,11 @@ import streamlit as st
 
 from app import qroar_charts as qc, state, widgets as w
 from app.charts import length_label
-from app.engine import band_edges, band_windows, loaded_entry, matching_tir, moved_windows, search_job, tuning_from_settings
+from app.engine import loaded_entry, matching_tir, search_job
+from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
-from qroar.search import SearchConfig
-
-TUNE_KEYS = ("qroar.n_bands", "qroar.align", "qroar.mode", "qroar.order", "qroar.windows", "qroar.edges")
+from qroar.recipe import Recipe
+from qroar.search import OBJECTIVES, STRATEGIES, SearchConfig
 FOLDS = (0, 2, 3, 4, 5)
 
 
@@ -25,13 +25,9 @@ def set_weight(n: int) -> None:
     state.put("search.weights", weights)
 
 
-def use_on_tune(result, settings: dict) -> None:
-    """The searched scales (and the bands, mode, order and windows they were searched with) become Tune's."""
-    for k, v in settings.items():
-        state.put(k, v)
-    state.put("qroar.mode", result.scale_cfg.mode)
-    state.put("qroar.order", result.scale_cfg.order)
-    state.put("qroar.scales", list(result.scales))
+def use_on_tune(result) -> None:
+    """The searched recipe (its bands, mode, order, windows and the chosen scales) becomes the session's."""
+    state.set_recipe(Recipe.from_dict(result.recipe))
 
 
 st.title("Search")
@@ -45,18 +41,20 @@ n_pairs = int(info["rotary_dim"]) // 2
 st.markdown(w.settings_summary())
 
 try:
-    pi, quant = state.pi_config(), state.quant_config()
-    entry = loaded_entry(state.backend(), state.loaded_key())
-    tuning = tuning_from_settings(state.get, n_pairs)
-    edges = band_edges(entry, pi, tuning.bands, tuning.edges)
+    recipe = state.recipe()
+    geo = loaded_entry(state.backend(), state.loaded_key()).wb.geometry
+    edges = recipe_mod.band_edges(recipe, geo).edges
     diag = state.result("diagnostics")
-    windows = band_windows(entry, pi, edges, matching_tir(diag.result if diag is not None else None, edges, pi),
-                           moved_windows(state.get, edges))
+    windows = recipe_mod.windows(recipe, geo, matching_tir(diag.result if diag is not None else None, edges, recipe.pi))
+    note = recipe_mod.invariance_note(recipe, geo)
 except QroarError as e:
     st.error(str(e), icon=":material/error:")
     st.stop()
-st.caption(f"Bands, mode, order and windows come from Tune: {len(edges) - 1} {tuning.bands.align} bands, "
-           f"{tuning.scale.mode} mode, {tuning.scale.order} quantization"
+if note:
+    st.warning(f"**A search cannot change this model beyond rounding, so it will not start.** {note}",
+               icon=":material/warning:")
+st.caption(f"Bands, mode, order and windows come from Tune: {len(edges) - 1} {recipe.bands.align} bands, "
+           f"{recipe.scale.mode} mode, {recipe.scale.order} quantization"
            + (", windows moved by hand" if windows["moved"].any() else ", windows by the rule") + ".")
 w.link("tune", "Change them on Tune", ":material/tune:")
 
@@ -68,10 +66,12 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
         w.radio("Sweeps over the bands", "search.sweeps", [1, 2], horizontal=True)
         w.select("k-fold stability", "search.k_folds", FOLDS, format_func=lambda k: "off" if k == 0 else f"{k} folds",
                  help="Search again on k subsets of the dev documents and report the spread of the chosen scales.")
-        w.toggle("Race candidates (successive halving)", "search.race",
-                 help="Score every candidate on the first dev document, then only the best third that beat the current "
-                      "scale on more documents (1, 3, 9, ..., all). Several times cheaper on many documents; it can miss "
-                      "a candidate that wins only on later documents.")
+        w.radio("Strategy", "search.strategy", list(STRATEGIES), horizontal=True,
+                help=" · ".join(f"{k}: {v.label}" for k, v in STRATEGIES.items()) + ". Racing scores every candidate "
+                     "on the first dev document, then only the best third that beat the current scale on more documents "
+                     "(1, 3, 9, ..., all): several times cheaper on many documents; it can miss a candidate that wins "
+                     "only on later documents.")
+        w.select("Objective", "search.objective", list(OBJECTIVES), format_func=lambda k: OBJECTIVES[k].label)
         w.toggle("Nested windows (one forward per window)", "search.nested",
                  help="Shorter lengths are scored on the prefixes of the longest windows, so every length costs one "
                       "forward at the longest. The same text at every length.")
@@ -99,7 +99,7 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
                help="Written after every evaluation. A search with the same settings and file resumes where it stopped.")
 
 busy = w.is_running("search")
-if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy):
+if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy or bool(note)):
     try:
         lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
         weights = None
@@ -111,18 +111,17 @@ if st.button("Start search", type="primary", icon=":material/play_arrow:", disab
             n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
             lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
             dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
-            max_windows_per_doc=int(state.get("search.max_windows")) or None, mode=tuning.scale.mode,
-            order=tuning.scale.order, checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")),
-            race=bool(state.get("search.race")), nested=bool(state.get("search.nested")))
+            max_windows_per_doc=int(state.get("search.max_windows")) or None,
+            checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
+            objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
-        fn = search_job(state.backend(), state.loaded_key(), pi, quant, tuning, windows, cfg)
+        fn = search_job(state.backend(), state.loaded_key(), recipe, windows, cfg)
         per = 1 + cfg.sweeps * (cfg.n_candidates - 1) * (len(edges) - 1)
         size = "at most" if cfg.race else "about"
         state.submit("search", fn, label=f"Search over {len(edges) - 1} bands ({size} {per * (1 + cfg.k_folds) + 6} evaluations)",
-                     meta={"cfg": cfg, "pi": pi.label(), "quant": quant.describe(),
-                           "tune": {k: state.get(k) for k in TUNE_KEYS}})
+                     meta={"cfg": cfg, "pi": recipe.pi.label(), "quant": recipe.quant.describe()})
         st.rerun()
 
 current = w.job_status("search")
@@ -138,22 +137,29 @@ if job is not current:
 
 r, cfg = job.result, job.meta["cfg"]
 gain = r.heldout_gain()
-m1, m2, m3, m4 = st.columns(4)
+control = qc.control_change(r.objective["heldout"], r.heldout, cfg.weights())
+m1, m0, m2, m3, m4 = st.columns(5)
 m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
+m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f"{100 * control:+.3f}%",
+          help="The same scales on the full-precision model, held-out objective. If it moves as much as the gain "
+               "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
-m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['scaled'] - dev['quant']) - 1):+.3f}%")
+m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
 m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
           help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")
+if control is None:
+    st.caption(":material/info: This search result has no FP + scales run on the held-out documents, so the "
+               "control beside the gain is not measured.")
 if r.note:
     st.warning(f"**The change above is rounding noise, not a gain.** {r.note}", icon=":material/warning:")
 
 st.subheader("Held-out perplexity")
 table = qc.change_table(r.heldout)
 fmt = {"length": st.column_config.NumberColumn("length", format="%d"),
-       **{c: st.column_config.NumberColumn(c, format="%.4f") for c in table if c.startswith("ppl")},
-       **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")}}
+       **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%.4f") for c in table if c.startswith("ppl")},
+       **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%+.3f%%") for c in table if c.endswith(" %")}}
 st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
 st.caption(f"{cfg.heldout_corpus} · PI {job.meta['pi']} · {job.meta['quant']} · {r.scale_cfg.mode}, "
            f"{r.scale_cfg.order} quantization · guard {100 * cfg.guard_tol:g}%")
@@ -161,7 +167,7 @@ with st.expander("Dev perplexity (what the search optimised)"):
     st.dataframe(qc.change_table(r.dev), hide_index=True, width="stretch", column_config=fmt)
 
 if st.button("Use these scales on Tune", icon=":material/tune:", type="primary"):
-    use_on_tune(r, job.meta["tune"])
+    use_on_tune(r)
     st.switch_page(w.page_path("tune"))
 
 st.subheader("Chosen scales")

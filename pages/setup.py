@@ -20,6 +20,18 @@ ROPE_HELP = {
 }
 SCOPE_HELP = {"linear": "every linear of the decoder layers", "attention": "q, k, v, o projections", "qk": "q and k projections only"}
 
+
+def applied_pi(trained: int) -> str:
+    """The position interpolation these settings apply, for the model card (beside the RoPE as trained)."""
+    try:
+        pi = state.recipe().pi
+    except QroarError:
+        return "an invalid setting (see section 2)"
+    if pi.rope_type == "default":
+        return "`default`: no interpolation"
+    orig = pi.original_max_position_embeddings or trained
+    return f"`{pi.rope_type}` x{pi.factor:g} · context {orig:,} stretched to about {length_label(int(orig * pi.factor))} tokens"
+
 st.title("Setup")
 st.caption("Choose a model, how its RoPE is stretched past the trained context, how its weights are quantized, "
            "and what text to measure on. Settings are kept for this session (the `?s=` part of the address).")
@@ -62,7 +74,7 @@ if info:
     if loaded != key:
         st.info(f"Loaded: **{loaded.name}** ({loaded.device}, {loaded.dtype}). The settings above differ: "
                 "press Load model to switch.", icon=":material/info:")
-    w.model_card(info)
+    w.model_card(info, applied=applied_pi(int(info["trained_context"])))
 
 # ----------------------------------------------------------------------------- position interpolation
 st.subheader("2 · Position interpolation")
@@ -94,7 +106,7 @@ if rope_type in ("yarn", "llama3"):
             with e2:
                 w.number("high_freq_factor", "pi.high_freq_factor", min_value=0.1, step=0.5, format="%g")
 try:
-    pi = state.pi_config()
+    pi = state.recipe().pi
     if rope_type != "default":
         orig = pi.original_max_position_embeddings or trained
         if orig:
@@ -125,12 +137,12 @@ if method in NEEDS_CALIBRATION:
     with st.expander("Calibration (GPTQ / AWQ)"):
         k1, k2 = st.columns(2)
         with k1:
-            w.number("Calibration windows", "quant.calib_samples", min_value=1, max_value=1024, step=8)
+            w.number("Calibration windows", "quant.n_samples", min_value=1, max_value=1024, step=8)
         with k2:
-            w.number("Window length (0 = trained context)", "quant.calib_len", min_value=0, step=256)
+            w.number("Window length (0 = trained context)", "quant.seq_len", min_value=0, step=256)
         st.caption("Calibration text: the embedded dev documents, under the PI setting above.")
 try:
-    qc = state.quant_config()
+    qc = state.recipe().quant
     if method != "none" and is_row_scale_equivariant(qc):
         st.caption(f"{qc.describe()} is row-scale-equivariant: symmetric per-band rescaling before it changes only rounding.")
 except QroarError as e:
@@ -150,12 +162,16 @@ with d2:
     else:
         st.caption("Long public-domain documents shipped with qroar (Austen, State of the Union messages, "
                    "mathematics and proofs). Dev documents are for tuning, held-out ones for reporting.")
-    options = state.length_options(trained)
-    chosen = w.multiselect("Context lengths (tokens)", "eval.lengths", options, value=state.lengths(),
-                           format_func=lambda n: f"{length_label(n)}" + (f" ({n / trained:g}x)" if trained else ""),
-                           help="defaults: 1x, 2x, 4x and 8x the trained context")
-    if not chosen:
-        st.warning("Choose at least one context length.", icon=":material/warning:")
+    if not trained:  # the lengths offered are multiples of the trained context: only known once a model is loaded
+        st.caption("Context lengths: load a model first; they are offered as multiples of its trained context "
+                   "(1x, 2x, 4x and 8x by default).")
+    else:
+        options = state.length_options(trained)
+        chosen = w.multiselect("Context lengths (tokens)", "eval.lengths", options, value=state.lengths(),
+                               format_func=lambda n: f"{length_label(n)} ({n / trained:g}x)",
+                               help="defaults: 1x, 2x, 4x and 8x the trained context")
+        if not chosen:
+            st.warning("Choose at least one context length.", icon=":material/warning:")
     with st.expander("Evaluation options"):
         o1, o2 = st.columns(2)
         with o1:

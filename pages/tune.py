@@ -6,8 +6,8 @@ from dataclasses import replace
 import streamlit as st
 
 from app import qroar_charts as qc, state, widgets as w
-from app.engine import (band_edges, band_windows, invariance_note_for, loaded_entry, matching_tir, moved_windows,
-                        tune_job, tuning_from_settings)
+from app.engine import loaded_entry, matching_tir, tune_job
+from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
 from qroar.search import G_FLOOR, W_MAX, W_MIN
 
@@ -32,14 +32,14 @@ def window_key(b: int) -> str:
 def set_scale(b: int, scales: tuple, window: tuple) -> None:
     new = list(scales)
     new[b] = min(max(float(st.session_state[scale_key(b)]), window[0]), window[1])  # the slider's grid may overhang
-    state.put("qroar.scales", new)
+    state.put("scales", new)
 
 
-def set_window(b: int, edges: tuple, windows: list) -> None:
+def set_window(b: int, windows: list) -> None:
     lo, hi = st.session_state[window_key(b)]
     new = [list(p) for p in windows]
     new[b] = [min(float(lo), 1.0), max(float(hi), 1.0)]  # a window always holds 1 (the unscaled model)
-    state.put("qroar.windows", {"edges": list(edges), "windows": new})
+    state.put("windows", new)
 
 
 st.title("Tune")
@@ -52,30 +52,29 @@ n_pairs = int(info["rotary_dim"]) // 2
 
 c1, c2, c3, c4 = st.columns([1.3, 1.1, 1.4, 1.2])
 with c1:
-    w.slider("Bands", "qroar.n_bands", min_value=min(4, n_pairs), max_value=min(16, n_pairs), step=1,
+    w.slider("Bands", "bands.n_bands", min_value=min(4, n_pairs), max_value=min(16, n_pairs), step=1,
              help="Log-spaced bands over the RoPE pairs (b0 = highest frequency). Changing the count resets the scales.")
 with c2:
-    w.radio("Band edges", "qroar.align", ["log", "yarn"], horizontal=True,
+    w.radio("Band edges", "bands.align", ["log", "yarn"], horizontal=True,
             help="yarn: edges also on YaRN's ramp boundaries, so no band mixes kept and interpolated pairs.")
 with c3:
-    mode = w.radio("Mode", "qroar.mode", ["shared", "symmetric"], horizontal=True, help=" · ".join(
+    mode = w.radio("Mode", "scale.mode", ["shared", "symmetric"], horizontal=True, help=" · ".join(
         f"{k}: {v}" for k, v in MODE_HELP.items()))
 with c4:
-    w.radio("Order", "qroar.order", ["before", "after"], horizontal=True,
+    w.radio("Order", "scale.order", ["before", "after"], horizontal=True,
             format_func=lambda o: f"{o} quantization",
             help="before: the scaled rows are quantized; after: the dequantized rows are scaled.")
 
 try:
-    pi, quant, corpus = state.pi_config(), state.quant_config(), state.corpus_spec()
+    recipe, corpus = state.recipe(), state.corpus_spec()
     base_cfg = state.eval_config()
     cfg = replace(base_cfg, max_windows_per_doc=int(state.get("qroar.max_windows")) or base_cfg.max_windows_per_doc)
-    entry = loaded_entry(state.backend(), state.loaded_key())
-    tuning = tuning_from_settings(state.get, n_pairs)
-    edges = band_edges(entry, pi, tuning.bands, tuning.edges)
+    geo = loaded_entry(state.backend(), state.loaded_key()).wb.geometry
+    edges = recipe_mod.band_edges(recipe, geo).edges
     diag = state.result("diagnostics")
-    tir = matching_tir(diag.result if diag is not None else None, edges, pi)
-    windows = band_windows(entry, pi, edges, tir, moved_windows(state.get, edges))
-    note = invariance_note_for(entry, quant, tuning.scale)
+    tir = matching_tir(diag.result if diag is not None else None, edges, recipe.pi)
+    windows = recipe_mod.windows(recipe, geo, tir)
+    note = recipe_mod.invariance_note(recipe, geo)
 except QroarError as e:
     st.error(str(e), icon=":material/error:")
     w.link("setup", "Check the settings on Setup", ":material/tune:")
@@ -84,23 +83,25 @@ except QroarError as e:
 if note:
     st.warning(f"**This setting cannot change the quantized model beyond rounding.** {note}", icon=":material/warning:")
 
-B = len(tuning.scales)
+B = len(edges) - 1
+scales = recipe.scales if recipe.scales is not None and len(recipe.scales) == B else (1.0,) * B
 exact = [(float(lo), float(hi)) for lo, hi in zip(windows["g_min"], windows["g_max"])]
-inside = tuple(min(max(g, lo), hi) for g, (lo, hi) in zip(tuning.scales, exact))
-if inside != tuning.scales:  # a window moved past a scale: the scale follows
-    state.put("qroar.scales", list(inside))
-    tuning = replace(tuning, scales=inside)
+inside = tuple(min(max(g, lo), hi) for g, (lo, hi) in zip(scales, exact))
+if inside != scales:  # a window moved past a scale: the scale follows
+    state.put("scales", list(inside))
+scales = inside
+recipe = state.recipe().with_scales(scales)
 
 left, right = st.columns([1, 2.2], gap="large")
 with left:
     st.markdown("**Scale per band** g_b, inside its window G_b")
     for b, (lo, hi) in enumerate(exact):
-        st.session_state[scale_key(b)] = tuning.scales[b]  # the stored scale, not the widget's memory (see app.widgets)
+        st.session_state[scale_key(b)] = scales[b]  # the stored scale, not the widget's memory (see app.widgets)
         st.slider(f"b{b} · pairs {windows.at[b, 'pairs']}", min_value=math.floor(lo * 1000) / 1000,
                   max_value=math.ceil(hi * 1000) / 1000, step=0.001, format="%.3f",
-                  key=scale_key(b), on_change=set_scale, args=(b, tuning.scales, (lo, hi)))
+                  key=scale_key(b), on_change=set_scale, args=(b, scales, (lo, hi)))
     if st.button("Reset scales to 1", icon=":material/restart_alt:", width="stretch"):
-        state.put("qroar.scales", None)
+        state.put("scales", None)
         st.rerun()
     run = st.button("Run now", icon=":material/play_arrow:", width="stretch", type="primary")
     w.toggle("Re-run on every move", "qroar.auto_run")
@@ -114,18 +115,17 @@ with left:
              help="Fewer windows keep each re-run quick; Perplexity on its own page uses the Setup value.")
 
 # One job per distinct setting: a move while a run is going cancels that run and queues the new one.
-sig = repr((state.loaded_key(), pi, quant, corpus, cfg, replace(tuning, edges=edges), state.get("qroar.control"),
-            state.get("qroar.max_docs")))
+sig = repr((state.loaded_key(), recipe, corpus, cfg, state.get("qroar.control"), state.get("qroar.max_docs")))
 last = state.job("tune")
 if run or (state.get("qroar.auto_run") and (last is None or last.meta.get("sig") != sig)):
     if last is not None and not last.is_finished:
         state.backend().queue.cancel(last.id)
     base = state.result("tune")
-    fn = tune_job(state.backend(), state.loaded_key(), pi, quant, corpus, cfg, tuning,
+    fn = tune_job(state.backend(), state.loaded_key(), recipe, corpus, cfg,
                   base.result if base is not None else None, control=bool(state.get("qroar.control")),
                   max_docs=int(state.get("qroar.max_docs") or 0))
     state.submit("tune", fn, label=f"Perplexity with scales at {len(cfg.lengths)} length(s)",
-                 meta={"sig": sig, "pi": pi.label(), "quant": quant.describe()})
+                 meta={"sig": sig, "pi": recipe.pi.label(), "quant": recipe.quant.describe()})
 
 with right:
     current = w.job_status("tune")
@@ -137,31 +137,35 @@ with right:
         res = job.result
         prev = state.session().previous.get("tune") if job is current else None
         previous = prev.result.summary if prev is not None and prev.result.base_key == res.base_key \
-            and prev.result.tuning != res.tuning else None
+            and prev.result.recipe != res.recipe else None
         if job is not current:
             st.caption(":material/history: Showing the last finished run while the new one computes.")
-        st.plotly_chart(qc.tune_figure(res.summary, res.trained_context, previous=previous), width="stretch")
-        table = qc.change_table(res.summary)
-        st.dataframe(table, hide_index=True, width="stretch", column_config={
+        st.plotly_chart(qc.tune_figure(res.summary, res.trained_context, previous=previous, table=res.table),
+                        width="stretch")
+        table = qc.change_table(res.summary, res.table)
+        st.dataframe(table, hide_index=True, width="stretch", column_order=[c for c in qc.CHANGE_ORDER if c in table], column_config={
             "length": st.column_config.NumberColumn("length", format="%d"),
-            **{c: st.column_config.NumberColumn(c, format="%.4f") for c in table if c.startswith("ppl")},
-            **{c: st.column_config.NumberColumn(c, format="%+.3f%%") for c in table if c.endswith("%")},
+            **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%.4f") for c in table if c.startswith("ppl")},
+            **{c: st.column_config.NumberColumn(qc.CHANGE_LABELS.get(c, c), format="%+.3f%%") for c in table if c.endswith(" %")},
+            **{c: st.column_config.TextColumn(qc.CHANGE_LABELS.get(c, c)) for c in table if c.endswith(" 95%")},
         })
-        shown = ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(res.tuning.scales))
-        tokens = int(res.summary.loc[res.summary["variant"] == "scaled", "tokens"].sum())
-        st.caption(f"Scales of this run: {shown} · {res.tuning.scale.mode}, {res.tuning.scale.order} quantization · "
+        if qc.change_note(table):
+            st.caption(qc.change_note(table))
+        shown = ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(res.recipe.scales))
+        tokens = int(res.summary.loc[res.summary["variant"] == "quant_scaled", "tokens"].sum())
+        st.caption(f"Scales of this run: {shown} · {res.recipe.scale.mode}, {res.recipe.scale.order} quantization · "
                    f"{tokens:,} tokens per curve · {res.seconds:.1f} s" + (" (FP and PTQ re-used)" if res.reused_base else ""))
         if res.note and res.note != note:  # the warning above already says it for the current settings
             st.caption(f":material/info: This run: {res.note}")
 
 st.subheader("Scales and windows")
-st.plotly_chart(qc.scales_figure(tuning.scales, windows), width="stretch")
+st.plotly_chart(qc.scales_figure(scales, windows), width="stretch")
 st.caption(RULE)
 if tir is not None:
     st.caption(":material/check: TIR_W from this session's diagnostics (same bands and PI) is part of the rule.")
 else:
     st.caption(":material/info: Windows from IP alone: run Diagnostics with these bands "
-               f"({B} {tuning.bands.align}) and this PI to add TIR_W.")
+               f"({B} {recipe.bands.align}) and this PI to add TIR_W.")
 st.dataframe(windows[["band", "pairs", "ip", "tir", "g_min", "g_max", "reason"]], hide_index=True, width="stretch",
              column_config={"ip": st.column_config.NumberColumn("IP", format="%.3g"),
                             "tir": st.column_config.NumberColumn("TIR_W", format="%.3f"),
@@ -175,7 +179,7 @@ with st.expander("Move the windows", icon=":material/width:"):
     for b in range(B):
         st.session_state[window_key(b)] = (max(pairs[b][0], WINDOW_RANGE[0]), min(pairs[b][1], WINDOW_RANGE[1]))
         cols[b % 4].slider(f"G_b{b}", min_value=WINDOW_RANGE[0], max_value=WINDOW_RANGE[1], step=0.01, format="%.2f",
-                           key=window_key(b), on_change=set_window, args=(b, edges, pairs))
+                           key=window_key(b), on_change=set_window, args=(b, pairs))
     if st.button("Windows back to the rule", icon=":material/restart_alt:", disabled=not windows["moved"].any()):
-        state.put("qroar.windows", None)
+        state.put("windows", None)
         st.rerun()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qroar.errors import ConfigError, DataError, ModelError
+from qroar.models import decoder_layers
 
 
 def calibration_batches(
@@ -41,15 +42,6 @@ def calibration_batches(
         start = rng.randrange(counts[doc])
         window = torch.as_tensor(token_lists[doc][start:start + seq_len], dtype=torch.long)
         yield window.reshape(1, seq_len)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM: the ModuleList with num_hidden_layers entries."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ModelError("could not find the decoder layers (a ModuleList of num_hidden_layers blocks) in this model.")
 
 
 class _Stop(Exception):

@@ -12,6 +12,12 @@ values <= x, numpy's `quantile(..., method="inverted_cdf")` at q = 1 - eps. Sinc
 rows x documents) is known before the run, a top-k buffer of exactly k values per slot is exact:
 a value outside the running top k can never re-enter it.
 
+Sampling spread. Each document's window is reduced into its own top-k buffer first (then merged
+into the pooled one, so the pooled quantile is unchanged), which also gives each document's own
+Q_{1-eps} (k = floor(eps N_doc) + 1) and its own TIR. The spread of log TIR over documents estimates
+how far the pooled TIR could move on other text: between-document differences and tokens whose band
+rows move together are both in it, which a binomial count of values above the quantile misses.
+
 Kinds. "W": |W_P h| per row (the projection output, bias included for Qwen2-style q/k biases).
 "A": |component| of post-RoPE q / k per axis (after q_norm / k_norm where the model has them),
 what an axis-aligned quantizer of the rotated vectors would see. Sides: "short" = positions
@@ -59,10 +65,22 @@ class TopK:
         cat = x if self.buf is None else torch.cat([self.buf, x])
         self.buf = cat if cat.numel() <= self.k else torch.topk(cat, self.k, sorted=False).values
 
+    def merge(self, other: "TopK") -> None:
+        """Take in another buffer's values (its `seen` counted, not its buffer's length)."""
+        if other.buf is not None:
+            seen = self.seen
+            self.update(other.buf)
+            self.seen = seen
+        self.seen += other.seen
+
     def kth_largest(self) -> float:
         if self.buf is None or self.buf.numel() < self.k:
             raise ValueError(f"only {0 if self.buf is None else self.buf.numel()} values seen, need {self.k}")
         return float(self.buf.min())
+
+    def kth(self, k: int) -> torch.Tensor:
+        """The k-th largest value held (k <= the buffer's size), as a 0-d tensor (no host sync)."""
+        return torch.kthvalue(self.buf, self.buf.numel() - k + 1).values
 
 
 class BandTopK:
@@ -80,6 +98,18 @@ class BandTopK:
         self.seen += x.shape[1]
         cat = x if self.buf is None else torch.cat([self.buf, x], dim=1)
         self.buf = cat if cat.shape[1] <= self.k else torch.topk(cat, self.k, dim=1, sorted=False).values
+
+    def merge(self, other: "BandTopK") -> None:
+        """Take in another buffer of the same slots (its `seen` counted, not its buffer's length)."""
+        if other.buf is not None:
+            seen = self.seen
+            self.update(other.buf)
+            self.seen = seen
+        self.seen += other.seen
+
+    def kth(self, k: int) -> torch.Tensor:
+        """(slots,) k-th largest value of each slot (k <= the buffer's width), no host sync."""
+        return torch.kthvalue(self.buf, self.buf.shape[1] - k + 1, dim=1).values
 
     def slot(self, i: int) -> "TopK":
         t = TopK(self.k)
@@ -172,8 +202,9 @@ class TailCapture:
         self.samples: dict[int, Samples] = {i: Samples() for i in self.sample_layers}
         self.tops: dict[tuple, TopK] = {}
         self.batched: dict[tuple, BandTopK] = {}  # (kind, layer, proj, side) when the proj's bands are equal-size
+        self.doc_q: dict[tuple, list[torch.Tensor]] = {}  # same keys: each document's own Q_{1-eps}, in order
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        tokens = {"short": trained_context - skip_first, "long": length - trained_context}
+        self.tokens = tokens = {"short": trained_context - skip_first, "long": length - trained_context}
         self.projs: list[_Proj] = []
         for L in layers:
             for name, off, nh, norm in (("q", L.q_off, L.n_heads, L.q_norm), ("k", L.k_off, L.n_kv_heads, L.k_norm)):
@@ -212,33 +243,45 @@ class TailCapture:
                 self._reduce(p, out[..., p.off : p.off + p.n_heads * layer.head_dim], cos, sin, layer.head_dim)
         return hook
 
-    def _chunks(self):
+    def _sides(self):
         for side, lo, hi in (("short", self.skip_first, self.trained), ("long", self.trained, self.length)):
-            for a in range(lo, hi, self.chunk):
-                yield side, a, min(a + self.chunk, hi)
+            yield side, [(a, min(a + self.chunk, hi)) for a in range(lo, hi, self.chunk)]
 
     @torch.no_grad()
     def _reduce(self, p: _Proj, out: torch.Tensor, cos, sin, head_dim: int) -> None:
-        """Merge one layer's projection output (B, T, n_heads*head_dim) into the band buffers."""
+        """Merge one layer's projection output (B, T, n_heads*head_dim) into the band buffers, a document
+        (batch row) at a time: its own top-k first (its own quantile), then into the pooled buffer."""
         if out.shape[1] != self.length:
             raise ValueError(f"capture expects windows of {self.length} tokens, got {out.shape[1]}")
         rows = [r.to(out.device) for r in p.rows]
         cos, sin = cos.to(out.device), sin.to(out.device)  # a map may split a layer's modules over devices
-        for side, a, b in self._chunks():
-            x = out[:, a:b]
-            vals = {"W": x.float().abs()}
-            if "A" in self.kinds:
-                y = x.reshape(*x.shape[:-1], p.n_heads, head_dim)
-                if p.norm is not None:
-                    y = p.norm(y)
-                vals["A"] = apply_rope(y.float(), cos[:, a:b], sin[:, a:b]).abs().reshape(x.shape)
-            for kind, v in vals.items():
-                if p.equal:  # (B, t, rows) -> (bands, t * rows_per_band) in one gather
-                    g = v.index_select(-1, torch.cat(rows)).reshape(-1, len(rows), rows[0].numel())
-                    self.batched[(kind, p.layer, p.name, side)].update(g.transpose(0, 1).reshape(len(rows), -1))
-                    continue
-                for band, r in enumerate(rows):
-                    self.tops[(kind, p.layer, p.name, band, side)].update(v.index_select(-1, r))
+        for i in range(out.shape[0]):
+            c, s = (cos[i : i + 1], sin[i : i + 1]) if cos.shape[0] > 1 else (cos, sin)
+            for side, chunks in self._sides():
+                local: dict = {}
+                for a, b in chunks:
+                    x = out[i : i + 1, a:b]
+                    vals = {"W": x.float().abs()}
+                    if "A" in self.kinds:
+                        y = x.reshape(*x.shape[:-1], p.n_heads, head_dim)
+                        if p.norm is not None:
+                            y = p.norm(y)
+                        vals["A"] = apply_rope(y.float(), c[:, a:b], s[:, a:b]).abs().reshape(x.shape)
+                    for kind, v in vals.items():
+                        if p.equal:  # (1, t, rows) -> (bands, t * rows_per_band) in one gather
+                            g = v.index_select(-1, torch.cat(rows)).reshape(-1, len(rows), rows[0].numel())
+                            key = (kind, p.layer, p.name, side)
+                            local.setdefault(key, BandTopK(len(rows), self.batched[key].k)).update(
+                                g.transpose(0, 1).reshape(len(rows), -1))
+                            continue
+                        for band, r in enumerate(rows):
+                            key = (kind, p.layer, p.name, band, side)
+                            local.setdefault(key, TopK(self.tops[key].k)).update(v.index_select(-1, r))
+                for key, top in local.items():
+                    pooled = self.batched[key] if key in self.batched else self.tops[key]
+                    rows_per = rows[0].numel() if key in self.batched else p.rows[key[3]].numel()
+                    self.doc_q.setdefault(key, []).append(top.kth(tail_k(self.tokens[side] * rows_per, self.eps)))
+                    pooled.merge(top)
 
     @contextmanager
     def attached(self, model):
@@ -266,15 +309,41 @@ class TailCapture:
         key = (kind, layer, proj, side)
         return self.batched[key].slot(band) if key in self.batched else self.tops[(kind, layer, proj, band, side)]
 
+    def _doc_tir(self, host: dict, kind, layer, proj, band) -> list[float]:
+        """Each document's own TIR (its long over its short Q_{1-eps}), in the order the documents ran;
+        host: doc_q copied to the host."""
+        q = {}
+        for side in SIDES:
+            key = (kind, layer, proj, side)
+            if key in self.batched:
+                q[side] = [t[band] for t in host.get(key, [])]
+            else:
+                q[side] = host.get((kind, layer, proj, band, side), [])
+        return [lg / s if s > 0 else float("nan") for s, lg in zip(q["short"], q["long"])]
+
     def table(self) -> pd.DataFrame:
-        """Tidy: kind, layer, proj, band, q_short, q_long, tir (= q_long / q_short), n_short, n_long."""
+        """Tidy: kind, layer, proj, band, q_short, q_long, tir (= q_long / q_short), n_short, n_long (values
+        behind each quantile: tokens x band rows), tokens_short, tokens_long, docs, tir_docs (each document's
+        own TIR, in the order they ran) and tir_se_log: the standard error of log TIR from the spread of the
+        documents' own TIRs (sd / sqrt(docs); nan for one)."""
         rows = []
+        host = {k: [t.tolist() for t in v] for k, v in self.doc_q.items()}  # one copy per buffer, not per value
         for L in self.layers:
             for proj in ("q", "k"):
                 for b in range(self.bands.n_bands):
                     for kind in self.kinds:
                         s, lg = (self._top(kind, L.index, proj, b, side) for side in SIDES)
                         qs, ql = s.kth_largest(), lg.kth_largest()
+                        tir_docs = self._doc_tir(host, kind, L.index, proj, b)
+                        per_doc = [math.log(t) for t in tir_docs if t > 0 and math.isfinite(t)]
+                        n = len(per_doc)
+                        se = float("nan")
+                        if n >= 2:
+                            mean = sum(per_doc) / n
+                            se = math.sqrt(sum((t - mean) ** 2 for t in per_doc) / (n - 1) / n)
                         rows.append(dict(kind=kind, layer=L.index, proj=proj, band=b, q_short=qs, q_long=ql,
-                                         tir=ql / qs if qs > 0 else float("nan"), n_short=s.seen, n_long=lg.seen))
+                                         tir=ql / qs if qs > 0 else float("nan"), n_short=s.seen, n_long=lg.seen,
+                                         tokens_short=self.n_docs * self.tokens["short"],
+                                         tokens_long=self.n_docs * self.tokens["long"], docs=n, tir_docs=tir_docs,
+                                         tir_se_log=se))
         return pd.DataFrame(rows)

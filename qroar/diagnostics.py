@@ -13,7 +13,9 @@ Definitions (j = RoPE pair, 0 <= j < rotary_dim/2; band b = a contiguous range o
    over tokens and the band's rows of every head, pooled over documents (one window of L tokens
    each, L > trained context, under the PI setting); long = positions >= trained context, short =
    positions < trained context. Q_{1-eps} is the k-th largest value, k = floor(eps N) + 1 (numpy's
-   method="inverted_cdf"), computed exactly by streaming top-k (capture.py). TIR_A: the same ratio
+   method="inverted_cdf"), computed exactly by streaming top-k (capture.py). Sampling noise: each
+   document's own TIR is measured too; the spread of log TIR over documents gives a standard error
+   and a 95% t interval of the pooled TIR (`tir_intervals`; none from one document). TIR_A: the same ratio
    on the post-RoPE per-axis components of q and k (the model's own cos/sin, attention factor
    included). Both are measured for the full-precision and the quantized model.
 4. Per-band quantization error: ||Q(W_b) - W_b||_F / ||W_b||_F over the band's rows of W_Q, W_K.
@@ -166,6 +168,47 @@ def interpolation_pressure(freqs: RopeFreqs | Callable[[int], RopeFreqs], bands:
             seg = ip[r.start : r.stop]
             rows.append(dict(band=b, length=int(D), ip_mean=float(seg.mean()), ip_max=float(seg.max())))
     return pd.DataFrame(rows)
+
+
+def tir_intervals(tir: pd.DataFrame) -> pd.DataFrame:
+    """The TIR table with tir_lo, tir_hi (95% t interval from the documents' spread, docs - 1 degrees of
+    freedom) and within_noise (the interval holds 1: the cell's TIR could be 1 on other text). Rows
+    measured on one document, or read from a file written before the spread was kept, get nan bounds
+    and within_noise False (unknown, not within)."""
+    from qroar.stats import half_width
+
+    out = tir.copy()
+    if "tir_se_log" not in out:
+        out["tir_se_log"], out["docs"] = float("nan"), 1
+    h = [half_width(se, int(n)) for se, n in zip(out["tir_se_log"], out["docs"])]
+    log_tir = [math.log(t) if t > 0 else float("nan") for t in out["tir"]]
+    out["tir_lo"] = [math.exp(lt - hw) for lt, hw in zip(log_tir, h)]
+    out["tir_hi"] = [math.exp(lt + hw) for lt, hw in zip(log_tir, h)]
+    out["within_noise"] = [bool(abs(lt) <= hw) for lt, hw in zip(log_tir, h)]  # nan compares False
+    return out
+
+
+def tir_difference(tir: pd.DataFrame) -> pd.DataFrame:
+    """Quantized - full precision TIR per kind, layer, proj, band: diff, its 95% t interval diff_lo, diff_hi
+    from the spread of the per-document differences (the same documents ran through both), and
+    within_noise (the interval holds 0). Without per-document TIRs the bounds are nan."""
+    from qroar.stats import half_width
+
+    keys = ["kind", "layer", "proj", "band"]
+    fp = tir[tir.variant == "fp"].set_index(keys)
+    qz = tir[tir.variant == "quant"].set_index(keys).reindex(fp.index)
+    rows = []
+    for key, f, q, fd, qd in zip(fp.index, fp.tir, qz.tir, fp.get("tir_docs", [None] * len(fp)),
+                                 qz.get("tir_docs", [None] * len(fp))):
+        d = [b - a for a, b in zip(fd, qd)] if isinstance(fd, list) and isinstance(qd, list) and len(fd) == len(qd) else []
+        n, hw = len(d), float("nan")
+        if n >= 2:
+            mean = sum(d) / n
+            hw = half_width(math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n), n)
+        diff = q - f
+        rows.append(dict(zip(keys, key), diff=diff, diff_lo=diff - hw, diff_hi=diff + hw, docs=n,
+                         within_noise=bool(abs(diff) <= hw)))
+    return pd.DataFrame(rows, columns=keys + ["diff", "diff_lo", "diff_hi", "docs", "within_noise"])
 
 
 # ----------------------------------------------------------------------------- 4: per-band weight error

@@ -2,17 +2,18 @@
 
 Every file is written atomically (a killed write leaves the old file or the new one, never half).
 
-Scales file (JSON, `schema_version` 1; see `scales_payload` for every key): model identity (name,
+Scales file (JSON, `schema_version` 2; see `scales_payload` for every key): model identity (name,
 source, fingerprint from models.fingerprint at load time, model_type, n_layers, n_heads,
 n_kv_heads, head_dim, rotary_dim), RoPE (the PI setting and the rope_parameters in force), the
 quantizer settings, band settings and edges, mode, order, the scales, and the search's objective,
 dev and held-out results when it came from a search; created_at and the qroar version.
 
-Folded checkpoint (`export_checkpoint`): safetensors + config (with the PI rope_parameters in
-force) + tokenizer, with the scales folded into the full-precision weights (for the user's own
-quantizer) or, with quantized=True, the fake-quantized scaled weights; written to a temporary
-folder beside the target and moved into place whole. An earlier export is replaced only when asked
-(overwrite=True), and files of the user's in it are carried into the new folder.
+Exports (`export(wb, fmt, path)`, one format per entry of FORMATS: hf, fake-quant, scales): the
+folded checkpoint is safetensors + config (with the PI rope_parameters in force) + tokenizer, with
+the scales folded into the full-precision weights (hf, for the user's own quantizer) or the
+fake-quantized scaled weights (fake-quant). Every format is built beside the target and moved into
+place whole; an earlier export (or file) is replaced only when asked (overwrite=True), and files of
+the user's in an earlier export folder are carried into the new one.
 
 Files and folders are created with the modes the user's umask gives (a replaced one keeps its own).
 """
@@ -26,12 +27,12 @@ import shutil
 import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qroar.errors import ConfigError, ScalesFileError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the Recipe under "recipe" (the flat keys of version 1 are kept, written from it)
 KIND = "qroar-scales"
 
 
@@ -137,8 +138,9 @@ def scales_payload(wb, result=None) -> dict:
     if wb.scales is None:
         raise ConfigError("No scales are set: run a search or set scales before saving them.")
     rec = lambda df: None if df is None else json.loads(df.to_json(orient="records"))  # noqa: E731
+    recipe = wb.recipe if wb.qstate is not None else replace(wb.recipe, quant=None)
     return {
-        "schema_version": SCHEMA_VERSION, "kind": KIND,
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "recipe": recipe.to_dict(),
         "model": _model_identity(wb),
         "rope": {"pi": wb.pi.to_dict(), "rope_parameters": rope.rope_parameters(wb.model.config)},
         "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
@@ -149,7 +151,8 @@ def scales_payload(wb, result=None) -> dict:
         "dev": rec(result.dev) if result is not None else None,
         "heldout": rec(result.heldout) if result is not None else None,
         "note": wb.invariance_note(),
-        "search": result.settings.get("search") if result is not None else None,
+        "search": result.search_cfg if result is not None else None,
+        "source": "search" if result is not None else "scales set by hand",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "qroar_version": __version__,
     }
 
@@ -172,6 +175,7 @@ class ScalesFile:
     model: dict
     objective: dict | None
     raw: dict
+    recipe: object = None  # qroar.recipe.Recipe: what `Workbench.apply` puts on the model
 
 
 _REQUIRED = {"schema_version": int, "model": dict, "rope": dict, "quant": (dict, type(None)), "bands": dict,
@@ -258,8 +262,17 @@ def load_scales(path, wb=None) -> ScalesFile:
         raise ScalesFileError(f"Scales file {path} holds an invalid setting: {e}") from e
     if band_cfg.n_bands != n_bands:
         raise ScalesFileError(f"Scales file {path} says {band_cfg.n_bands} bands but its edges give {n_bands}; it is corrupted.")
+    from qroar.recipe import Recipe
+
+    try:
+        recipe = (Recipe.from_dict(d["recipe"]) if isinstance(d.get("recipe"), dict) else None) or Recipe(
+            pi=pi, quant=quant, calib=(d.get("calib") or "embedded:dev"), bands=band_cfg, edges=tuple(edges),
+            scale=scale_cfg, scales=tuple(float(g) for g in scales))
+    except (_CE, TypeError, ValueError) as e:
+        raise ScalesFileError(f"Scales file {path} holds an invalid recipe: {e}") from e
+    recipe = replace(recipe, edges=tuple(edges), scales=tuple(float(g) for g in scales))
     sf = ScalesFile(tuple(float(g) for g in scales), scale_cfg, band_cfg, tuple(edges), pi, quant, d["model"],
-                    d.get("objective"), d)
+                    d.get("objective"), d, recipe)
     if wb is not None:
         check_model(sf, wb, path)
     return sf
@@ -288,16 +301,13 @@ def apply_scales(wb, sf: ScalesFile, quantize: bool = True, calib_corpus: str | 
     """Put a scales file's PI, quantizer (if asked; after the PI, which GPTQ/AWQ calibration sees),
     bands and scales on a workbench."""
     check_model(sf, wb)
-    with wb.lock:
-        if wb.pi != sf.pi:
-            wb.set_pi(sf.pi)
-        if quantize and wb.quant_cfg != sf.quant:
-            wb.set_quant(sf.quant, calib_corpus=calib_corpus, progress=progress, cancel=cancel)
-        wb.set_bands(sf.band_cfg, edges=sf.edges)
-        wb.set_scales(list(sf.scales), sf.scale_cfg)
+    recipe = sf.recipe if quantize else replace(sf.recipe, quant=None)
+    if calib_corpus:
+        recipe = replace(recipe, calib=calib_corpus)
+    wb.apply(recipe, progress=progress, cancel=cancel)
 
 
-# ----------------------------------------------------------------------------- folded checkpoint
+# ----------------------------------------------------------------------------- exports: one safe way for every format
 
 RECORD = "qroar_scales.json"  # written last; its "export" key lists the files the export wrote
 
@@ -337,7 +347,7 @@ def _leftovers(folder: Path) -> list[Path]:
         except OSError:  # without locks a running export looks like a killed one: leave it
             continue
         if fd is None:
-            raise ConfigError(f"Another export to {folder} is running: wait for it to finish, or choose another folder.")
+            raise ConfigError(f"Another export to {folder} is running: wait for it to finish, or write elsewhere.")
         os.close(fd)
         stale.append(p)
     return stale
@@ -414,58 +424,158 @@ def _carry(src: Path, dst: Path) -> None:
         _link_or_copy(src, dst)
 
 
-def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None,
-                      overwrite: bool = False) -> Path:
-    """Write a Hugging Face folder with the scales folded in; returns its path.
+def check_file_target(path, overwrite: bool = False) -> None:
+    """Check, changing nothing, that a one-file export may write `path`: ConfigError when it is a folder, when a file
+    is there and overwrite is False, or when another export to it is running."""
+    path = Path(path)
+    _leftovers(path)
+    if path.is_dir() or (not path.exists() and _parked(path).is_dir()):
+        raise ConfigError(f"{path} is a folder: give the name of the file to write.")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"{path} exists: ask to overwrite it (`qroar export --overwrite`, or Overwrite on the Export "
+                          "page), or choose another name.")
 
-    quantized=False: full-precision weights with the scales folded in (quantize it with your own
-    tool). quantized=True: the fake-quantized scaled weights the workbench evaluates ("scaled").
-    The config carries the PI rope_parameters in force; `qroar_scales.json` records the scales
-    (`meta`, e.g. the scales file it came from, or the workbench's own settings) and, under
-    "export": {"files": [...]}, the files the export wrote.
 
-    A folder holding anything but a qroar export is never written. An earlier export is replaced
-    only with overwrite=True, and then only the files it recorded as its own go: anything else in
-    it (notes, a quantized copy) is carried into the new folder, and if the new export writes a
-    file of the same name the export is refused, naming it, before the folder is touched.
-    Temporaries that killed exports left beside `folder` (`.NAME.tmp-*`, `.NAME.old`) are removed
-    first. Every other refusal is a ConfigError raised before anything is written (`check_target`).
+def check_export(fmt: str, path, overwrite: bool = False) -> list[str]:
+    """Check, changing nothing, that format `fmt` may be written at `path` (call it before loading or calibrating a
+    model); returns the names of the user's own files that a folder export carries over."""
+    f = export_format(fmt)
+    if f.folder:
+        return check_target(path, overwrite)
+    check_file_target(path, overwrite)
+    return []
+
+
+def _follow_umask(folder: Path) -> None:
+    mask = _umask()
+    for p in folder.rglob("*"):  # some writers (safetensors' among them) make 0600 files
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _write_folder(f, wb, folder: Path, keep: list[str], fmt: str, tmp: Path, result, meta, options) -> Path:
+    """Build the folder in `tmp`, record its files, carry the user's files over, and swap it into place."""
+    os.chmod(tmp, _mode_for(folder, 0o777))
+    record = f.write(wb, tmp, result=result, meta=meta, **options)
+    _follow_umask(tmp)
+    written = sorted({p.name for p in tmp.iterdir()} | {RECORD})
+    clash = [n for n in keep if n in written]
+    if clash:
+        raise ConfigError(f"{folder} holds file(s) of yours that the new export would overwrite: {', '.join(clash)}; "
+                          "move them out of the folder (nothing was changed) and export again.")
+    record = dict(record or {})
+    record["export"] = {"format": fmt, **record.get("export", {}), "files": written}
+    atomic_write_text(tmp / RECORD, json.dumps(record, indent=1, allow_nan=False))
+    for name in keep:
+        _carry(folder / name, tmp / name)
+    return atomic_replace_dir(tmp, folder)
+
+
+def _write_file(f, wb, path: Path, tmp: Path, result, meta, options) -> Path:
+    """Write the file in `tmp` and move it into place in one rename (a replaced file keeps its mode)."""
+    built = tmp / path.name
+    f.write(wb, built, result=result, meta=meta, **options)
+    built.chmod(_mode_for(path, 0o666))
+    os.replace(built, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One entry of FORMATS: a new format is one function and one line there; `export` gives it the checks, the
+    temporary beside the target, the umask's modes, overwrite only when asked, and the move into place.
+
+    write(wb, path, result=None, meta=None, **options), from the workbench's applied recipe: a folder format writes its
+    files into the new, empty folder `path` and returns the dict that qroar_scales.json records (export() adds the
+    list of files under "export"); a file format writes the one file `path`. needs_quantizer: refuses a recipe
+    without one.
     """
-    folder = Path(folder)
-    if quantized and wb.qstate is None:
-        raise ConfigError("A quantized export needs a quantizer: set one (or export full precision).")
-    keep = check_target(folder, overwrite)
+
+    write: object
+    label: str
+    needs_quantizer: bool = False
+    folder: bool = True
+
+
+def _write_scales(wb, path, result=None, meta=None, **options) -> None:
+    save_scales(path, wb, result)
+
+
+def _write_checkpoint(wb, folder, quantized: bool, result=None, meta=None) -> dict:
+    """safetensors + config (the PI rope_parameters in force) + tokenizer; the record holds `meta` (e.g. the scales
+    file it came from) or the workbench's own scales."""
     scaled = wb.scales is not None
-    variant = ("scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(folder)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    variant = ("quant_scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
+    with wb.lock, wb.variant(variant) as model:
+        model.save_pretrained(folder, safe_serialization=True)
+    if wb.tokenizer is not None:
+        wb.tokenizer.save_pretrained(folder)
+    record = dict(meta) if meta is not None else (scales_payload(wb, result) if scaled else {"scales": None})
+    record["export"] = {"variant": variant, "quantized": quantized}
+    return record
+
+
+def _write_hf(wb, path, result=None, meta=None, **options) -> dict:
+    return _write_checkpoint(wb, path, False, result, meta)
+
+
+def _write_fake_quant(wb, path, result=None, meta=None, **options) -> dict:
+    return _write_checkpoint(wb, path, True, result, meta)
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "hf": ExportFormat(_write_hf, "Hugging Face folder, full-precision weights with the scales folded in"),
+    "fake-quant": ExportFormat(_write_fake_quant, "Hugging Face folder, fake-quantized scaled weights (full-precision storage)",
+                               needs_quantizer=True),
+    "scales": ExportFormat(_write_scales, "scales file (JSON): the recipe and the search's results", folder=False),
+}
+
+
+def export_format(fmt: str) -> ExportFormat:
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    return FORMATS[fmt]
+
+
+def export(wb, fmt: str, path, result=None, meta=None, overwrite: bool = False, **options) -> Path:
+    """Write the workbench's applied recipe in format `fmt` (a key of FORMATS) at `path`; returns it.
+
+    Every format goes this one way. Nothing is written where `check_export` refuses: a folder holding anything but a
+    qroar export, a file or an earlier export without overwrite=True, a target another export is writing. Temporaries
+    that killed exports left beside `path` (`.NAME.tmp-*`, `.NAME.old`) are removed first. The export is built in a
+    locked `.NAME.tmp-*` folder beside `path` and moved into place whole. A folder format's qroar_scales.json records
+    the files it wrote ("export": {"files": [...]}): on overwrite only those go, anything else in the old folder
+    (notes, a quantized copy) is carried into the new one, and a file of the user's with a name the export writes
+    refuses the export, naming it, before the folder is touched.
+    """
+    f = export_format(fmt)
+    if f.needs_quantizer and wb.qstate is None:
+        raise ConfigError(f"The {fmt} format stores quantized weights, and no quantizer is set: choose a quantizer, "
+                          "or the hf format for full precision.")
+    path = Path(path)
+    keep = check_export(fmt, path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         lock = _try_lock(tmp)  # marks this export as running: a later export's clean-up leaves it alone
     except OSError:
         lock = None
     try:
-        os.chmod(tmp, _mode_for(folder, 0o777))
-        with wb.lock, wb.variant(variant) as model:
-            model.save_pretrained(tmp, safe_serialization=True)
-        if wb.tokenizer is not None:
-            wb.tokenizer.save_pretrained(tmp)
-        mask = _umask()
-        for p in tmp.rglob("*"):  # some writers (safetensors' among them) make 0600 files
-            if not p.is_symlink():
-                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-        written = sorted({p.name for p in tmp.iterdir()} | {RECORD})
-        clash = [n for n in keep if n in written]
-        if clash:
-            raise ConfigError(f"{folder} holds file(s) of yours that the new export would overwrite: {', '.join(clash)}; "
-                              "move them out of the folder (nothing was changed) and export again.")
-        meta = dict(meta) if meta is not None else (scales_payload(wb, result) if scaled else {"scales": None})
-        meta["export"] = {"variant": variant, "quantized": quantized, "files": written}
-        atomic_write_text(tmp / RECORD, json.dumps(meta, indent=1, allow_nan=False))
-        for name in keep:
-            _carry(folder / name, tmp / name)
-        return atomic_replace_dir(tmp, folder)
+        if f.folder:
+            return _write_folder(f, wb, path, keep, fmt, tmp, result, meta, options)
+        return _write_file(f, wb, path, tmp, result, meta, options)
     finally:
         if lock is not None:
             os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """`export` in the hf format (full-precision weights with the scales folded in, for your own quantizer) or, with
+    quantized=True, fake-quant (the "quant_scaled" weights the workbench evaluates)."""
+    return export(wb, "fake-quant" if quantized else "hf", folder, result=result, meta=meta, overwrite=overwrite)

@@ -469,11 +469,21 @@ class AttnLayer:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    """The decoder blocks, the one list the quantizer, the rescaler and the captures all walk:
+    the decoder's `layers`, else the ModuleList with num_hidden_layers entries."""
+    try:
+        dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    except (AttributeError, ValueError, NotImplementedError):
+        dec = getattr(model, "model", None)
     layers = getattr(dec, "layers", None)
-    if layers is None:
-        raise ModelError(f"{type(model).__name__} has no decoder layers this tool knows how to walk.")
-    return layers
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    n = getattr(rope.text_config(model.config), "num_hidden_layers", None) if hasattr(model, "config") else None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelError(f"{type(model).__name__} has no decoder layers this tool knows how to walk "
+                     "(a decoder with `layers`, or a ModuleList of num_hidden_layers blocks).")
 
 
 def attention_layers(model) -> list[AttnLayer]:

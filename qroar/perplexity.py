@@ -20,6 +20,12 @@ a search over lengths 4K-32K costs one 32K forward per window instead of four. S
 score fewer tokens than with tiling (only the prefixes), which is the point: the same text at
 every length.
 
+Uncertainty. Each row also keeps its windows' own sums (`window_nll`, `window_tokens`, in window
+order), so `log_ppl_interval` gives a 95% interval of log-perplexity across windows and documents,
+and `paired_change` one of the change between two variants evaluated on the same windows (the
+text both share cancels: what judging a change needs). With one window there is no spread to
+measure, and both say so (nan) rather than invent one. Estimators: qroar.stats.
+
 Loss. The decoder body gives the last hidden states; the output head (plus Gemma's
 final_logit_softcapping) runs on `loss_chunk` positions at a time and cross-entropy sums
 accumulate in fp32, so full [L, vocab] logits are never held.
@@ -40,7 +46,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from qroar.rope import text_config
 from qroar.errors import Cancelled, ConfigError, DataError, OutOfMemory
+from qroar.stats import half_width, paired_interval, ratio_interval
 
 MAX_BATCH_POSITIONS = 32768  # more positions per forward no longer speeds a GPU up
 AUTO_BATCH_FRACTION = 0.7  # share of free memory the automatic batch size may plan to use
@@ -113,7 +121,7 @@ def needs_bos(tokenizer, model) -> bool:
     """True if the tokenizer adds a BOS by default or the model is Gemma-family; never without a bos_token."""
     if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
         return False
-    if _text_config(model).model_type.startswith("gemma"):
+    if text_config(model.config).model_type.startswith("gemma"):
         return bos_id(tokenizer, model) is not None
     if tokenizer is None:
         return False
@@ -124,7 +132,7 @@ def needs_bos(tokenizer, model) -> bool:
 
 def bos_id(tokenizer, model) -> int | None:
     tid = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    return tid if tid is not None else getattr(_text_config(model), "bos_token_id", None)
+    return tid if tid is not None else getattr(text_config(model.config), "bos_token_id", None)
 
 
 def make_windows(doc: torch.Tensor, length: int, bos: int | None = None, stride: int | None = None,
@@ -148,11 +156,6 @@ def make_windows(doc: torch.Tensor, length: int, bos: int | None = None, stride:
 
 
 # ----------------------------------------------------------------------------- chunked loss
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _decoder(model):
@@ -213,7 +216,7 @@ def chunked_nll(model, input_ids: torch.Tensor, loss_chunk: int = 1024,
     ids = input_ids.to(input_device(model))
     hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, H)
     head = model.get_output_embeddings()
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
     dev = head.weight.device
     hidden = hidden.reshape(B * L, -1)
     ids = ids.to(dev).reshape(-1)
@@ -255,7 +258,7 @@ def auto_loss_chunk(vocab_size: int, device_type: str) -> int:
 
 
 def _dims(model) -> dict:
-    c = _text_config(model)
+    c = text_config(model.config)
     H = c.hidden_size
     nh = c.num_attention_heads
     hd = getattr(c, "head_dim", None) or H // nh
@@ -353,11 +356,12 @@ def _free_memory() -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-TABLE_COLUMNS = ["doc", "length", "windows", "tokens", "nll", "ppl"]
+TABLE_COLUMNS = ["doc", "length", "windows", "tokens", "nll", "ppl", "window_nll", "window_tokens"]
 
 
 class EvalResult:
-    """table: one row per (doc, length): doc, length, windows, tokens, nll (sum, nats), ppl.
+    """table: one row per (doc, length): doc, length, windows, tokens, nll (sum, nats), ppl, and each
+    window's own nll and scored tokens as lists (window_nll, window_tokens; see `log_ppl_interval`).
     summary: one row per length: length, docs, windows, tokens, nll, log_ppl (= nll/tokens), ppl.
     skipped: documents too short for a length: doc, length, tokens (the document's length).
     The DataFrames are built on first use: a search only needs `log_ppl()`, and three DataFrames
@@ -407,7 +411,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
              progress: Callable[[float, str], None] | None = None, cancel: threading.Event | None = None,
              tokenizer=None) -> EvalResult:
     """Perplexity of every document at every length in cfg (see the module docstring for windows)."""
-    text = _text_config(model)
+    text = text_config(model.config)
     ids_of = _check_docs(token_docs, doc_ids, text.vocab_size)
     use_bos = cfg.add_bos if cfg.add_bos is not None else needs_bos(tokenizer, model)
     bos = bos_id(tokenizer, model) if use_bos else None
@@ -461,6 +465,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
     nll = {L: torch.zeros(n_docs, dtype=torch.float64) for L in cfg.lengths}
     wins = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
     toks = {L: torch.zeros(n_docs, dtype=torch.long) for L in cfg.lengths}
+    per_win = {L: [([], []) for _ in range(n_docs)] for L in cfg.lengths}  # (nll, tokens) of each window
     was_training = model.training
     if was_training:  # eval()/train() walk every module: ~2 ms each on a 7B model, so only when needed
         model.eval()
@@ -490,6 +495,9 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
                     wins[Lc].index_add_(0, who, torch.ones_like(who))
                     n = (scored[a:a + batch] if scored is not None else torch.full_like(who, Lc - 1))
                     toks[Lc].index_add_(0, who, n)
+                    for d, x, t in zip(who.tolist(), sums[:, j].tolist(), n.tolist()):
+                        per_win[Lc][d][0].append(x)
+                        per_win[Lc][d][1].append(t)
                 done += len(who) * L
                 a += batch
                 if progress is not None:
@@ -499,7 +507,8 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
             model.train()
 
     rows = [{"doc": ids_of[i], "length": L, "windows": int(wins[L][i]), "tokens": int(toks[L][i]),
-             "nll": float(nll[L][i]), "ppl": math.exp(nll[L][i] / toks[L][i])}
+             "nll": float(nll[L][i]), "ppl": math.exp(nll[L][i] / toks[L][i]),
+             "window_nll": per_win[L][i][0], "window_tokens": per_win[L][i][1]}
             for L in cfg.lengths for i in range(n_docs) if wins[L][i] > 0]
     return EvalResult(rows, skipped, cfg, bos is not None)
 
@@ -507,7 +516,7 @@ def evaluate(model, token_docs: list[torch.Tensor], cfg: EvalConfig, doc_ids: li
 def reset_dynamic_rope(model) -> None:
     """Dynamic NTK rotary modules keep the frequencies of the longest sequence they have seen; start
     each length from the trained ones, so a result at length L never depends on what ran before."""
-    if "dynamic" not in str(getattr(_text_config(model), "rope_parameters", None) or "dynamic"):
+    if "dynamic" not in str(getattr(text_config(model.config), "rope_parameters", None) or "dynamic"):
         return  # no dynamic rope in force: skip the walk over every module (~1 ms on a 7B model)
     for m in model.modules():
         types = getattr(m, "rope_type", None)
@@ -554,6 +563,60 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"])
 
 
+def _windows_by_length(table: pd.DataFrame) -> dict[int, tuple[list, list, list]]:
+    """length -> (keys (doc, window index), window nll, window tokens), in table order."""
+    out: dict[int, tuple[list, list, list]] = {}
+    if "window_nll" not in table:
+        return out
+    for d, L, xs, ts in zip(table["doc"].tolist(), table["length"].tolist(), table["window_nll"].tolist(),
+                            table["window_tokens"].tolist()):
+        k, x, t = out.setdefault(int(L), ([], [], []))
+        k += [(d, i) for i in range(len(xs))]
+        x += list(xs)
+        t += list(ts)
+    return out
+
+
+def log_ppl_interval(table: pd.DataFrame) -> pd.DataFrame:
+    """Per length, across every window of every document: log_ppl (as summarize: total nll / total tokens),
+    se_log_ppl (its standard error, windows as units), half_width (of the 95% t interval of log_ppl),
+    ppl_lo, ppl_hi (that interval as perplexity). Fewer than two windows: nan (no spread to measure)."""
+    rows = []
+    for L, (_, x, t) in sorted(_windows_by_length(table).items()):
+        r, se, n = ratio_interval(x, t)
+        h = half_width(se, n)
+        rows.append(dict(length=L, windows=n, log_ppl=r, se_log_ppl=se, half_width=h,
+                         ppl_lo=math.exp(r - h), ppl_hi=math.exp(r + h)))
+    return pd.DataFrame(rows, columns=["length", "windows", "log_ppl", "se_log_ppl", "half_width", "ppl_lo", "ppl_hi"])
+
+
+def paired_change(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Per length, `other` against `base` evaluated on the same windows (tables of two variants):
+    delta_log_ppl (other - base, nats per token), se (windows as units, paired), half_width (95% t),
+    change_pct = 100 (exp(delta) - 1) and its interval change_lo_pct, change_hi_pct (negative = other is
+    better). A length whose windows differ between the two is left out; one window gives nan bounds."""
+    a, b = _windows_by_length(base), _windows_by_length(other)
+    rows = []
+    for L in sorted(set(a) & set(b)):
+        (ka, xa, ta), (kb, xb, tb) = a[L], b[L]
+        if ka != kb or ta != tb:
+            continue
+        d, se, n = paired_interval(xa, xb, ta)
+        h = half_width(se, n)
+        pct = lambda v: 100 * (math.exp(v) - 1)  # noqa: E731
+        rows.append(dict(length=L, windows=n, delta_log_ppl=d, se=se, half_width=h, change_pct=pct(d),
+                         change_lo_pct=pct(d - h), change_hi_pct=pct(d + h)))
+    return pd.DataFrame(rows, columns=["length", "windows", "delta_log_ppl", "se", "half_width", "change_pct",
+                                       "change_lo_pct", "change_hi_pct"])
+
+
+def summarize_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """summarize() per variant of a Workbench.perplexity table, stacked (variant first, in table order)."""
+    parts = [summarize(g).assign(variant=v) for v, g in table.groupby("variant", sort=False)]
+    cols = ["variant", "length", "docs", "windows", "tokens", "nll", "log_ppl", "ppl"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
 def weighted_objective(summary: pd.DataFrame | dict[int, float], weights: dict[int, float] | None = None) -> float:
     """Weighted mean of log-perplexity over lengths; weights proportional to length by default.
     summary: a summary table (length, log_ppl) or {length: log_ppl} (EvalResult.log_ppl())."""
@@ -582,7 +645,7 @@ def benchmark(model, length: int, n_windows: int = 8, batch_size: int = 1, repea
     """Throughput of evaluate() vs a bare model(input_ids) forward on the same windows (tokens/s)."""
     dev = input_device(model)
     g = torch.Generator().manual_seed(0)
-    doc = torch.randint(0, _text_config(model).vocab_size, (length * n_windows,), generator=g)
+    doc = torch.randint(0, text_config(model.config).vocab_size, (length * n_windows,), generator=g)
     cfg = EvalConfig(lengths=(length,), batch_size=batch_size, add_bos=False)
     windows = make_windows(doc, length)[0]
 

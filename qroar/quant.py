@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qroar.calib import capture_layer_inputs, decoder_layers, run_layer
+from qroar.calib import capture_layer_inputs, run_layer
+from qroar.models import decoder_layers
 from qroar.errors import Cancelled, ConfigError, OutOfMemory
 
-METHODS = ("none", "rtn", "gptq", "awq")
 SCOPES = ("linear", "attention", "qk")
 PER_CHANNEL = 0   # group_size 0 or -1: one group per output row
 PER_TENSOR = -2   # one grid for the whole weight (not row-scale-equivariant)
@@ -61,8 +61,8 @@ class QuantConfig:
         self.validate()  # a QuantConfig that exists is a valid one
 
     def validate(self) -> QuantConfig:
-        if self.method not in METHODS:
-            raise ConfigError(f"quant method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        if self.method not in QUANTIZERS:
+            raise ConfigError(f"quant method {self.method!r} is unknown; choose one of {', '.join(QUANTIZERS)}.")
         for name in ("bits", "group_size", "block_size", "awq_grid", "n_samples", "seq_len", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):  # 4.5 bits would build a grid that is not one
@@ -79,8 +79,8 @@ class QuantConfig:
             raise ConfigError(f"damp={self.damp}: GPTQ damping must be in (0, 1); 0.01 is usual.")
         if self.block_size < 1 or self.awq_grid < 2:
             raise ConfigError("block_size must be >= 1 and awq_grid >= 2.")
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise ConfigError("calibration needs n_samples >= 1 and seq_len >= 2.")
+        if self.n_samples < 1 or self.seq_len == 1 or self.seq_len < 0:
+            raise ConfigError("calibration needs n_samples >= 1 and seq_len >= 2 (or 0: the model's trained context).")
         return self
 
     @property
@@ -330,7 +330,7 @@ def awq_search_clip(ws: torch.Tensor, xs: torch.Tensor, cfg: QuantConfig, max_sh
     return best
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- methods
 
 def _rtn(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
     grid = stats if isinstance(stats, tuple) else None
@@ -353,29 +353,6 @@ def _awq(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
     if stats is None:
         raise ConfigError("AWQ needs calibration statistics (input scales); run quantize_model with calibration data.")
     return awq_apply(w, stats, cfg)
-
-
-QUANTIZERS: dict[str, Callable[..., torch.Tensor]] = {
-    "none": lambda w, cfg, stats=None: w.clone(),
-    "rtn": _rtn,
-    "gptq": _gptq,
-    "awq": _awq,
-}
-NEEDS_CALIBRATION = ("gptq", "awq")
-
-
-def is_row_scale_equivariant(cfg: QuantConfig) -> bool:
-    """True when Q(diag(g) W) == diag(g) Q(W) up to rounding for positive row scales g, i.e.
-    symmetric per-band rescaling before this quantizer changes nothing but rounding."""
-    if cfg.is_identity:
-        return True  # no quantizer at all
-    if cfg.group_size == PER_TENSOR:
-        return False  # one grid for every row: scaling some rows moves the grid of the others
-    if cfg.method == "awq":
-        return False  # the scale search sums output error over all rows, so rescaled rows change s for every row
-    # rtn: each row's grid is that row's own min/max, so it scales with the row.
-    # gptq: rows are quantized independently with a shared Hessian; error feedback is linear in the row.
-    return True
 
 
 # ----------------------------------------------------------------------------- model level
@@ -446,7 +423,7 @@ def requantize_rows(state: QuantState, layer_name: str, weight_rows_fp: torch.Te
     if cfg.is_identity:
         return weight_rows_fp.clone()
     stats = state.stats.get(layer_name)
-    if stats is None and (cfg.method in NEEDS_CALIBRATION or cfg.group_size == PER_TENSOR):
+    if stats is None and (QUANTIZERS[cfg.method].needs_calibration or cfg.group_size == PER_TENSOR):
         kept = ", ".join(state.stats) or "none"
         raise ConfigError(f"no quantizer statistics were kept for {layer_name} (kept: {kept}); "
                           "only q_proj/k_proj layers quantized by quantize_model keep them.")
@@ -503,12 +480,12 @@ def quantize_model(
     if cfg.is_identity:
         return state
     check_group_size(model, cfg)
-    if cfg.method in NEEDS_CALIBRATION and calib is None:
+    if QUANTIZERS[cfg.method].needs_calibration and calib is None:
         raise ConfigError(f"{cfg.method.upper()} needs calibration data; pass calib=calibration_batches(...).")
     report = progress or (lambda f, m: None)
     try:
         with torch.no_grad():
-            if cfg.method in NEEDS_CALIBRATION:
+            if QUANTIZERS[cfg.method].needs_calibration:
                 _quantize_layerwise(model, state, calib, report, cancel, offload)
             else:
                 targets = quant_targets(model, cfg.scope)
@@ -576,12 +553,7 @@ def _collect_inputs(layer, linears, hiddens, kwargs, cfg, gen):
             a = acc.setdefault(name, {"n": 0})
             xf = x.float()
             a["n"] += xf.shape[0]
-            if cfg.method == "gptq":
-                a["H"] = a.get("H", 0) + xf.T @ xf
-            else:
-                a["abs"] = a.get("abs", 0) + xf.abs().sum(0)
-                pick = torch.randperm(xf.shape[0], generator=gen)[:per_sample].to(xf.device)
-                a.setdefault("x", []).append(xf[pick])
+            QUANTIZERS[cfg.method].accumulate(a, xf, gen, per_sample)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears]
@@ -599,21 +571,33 @@ def _collect_inputs(layer, linears, hiddens, kwargs, cfg, gen):
     return groups
 
 
-def _quantize_group(state, members, acc, offload, gen) -> None:
+def _gptq_accumulate(a: dict, xf: torch.Tensor, gen, per_sample: int) -> None:
+    a["H"] = a.get("H", 0) + xf.T @ xf
+
+
+def _gptq_group(state, members, acc, offload, gen) -> None:
     cfg = state.cfg
-    if cfg.method == "gptq":
-        stats = hessian_stats(2 * acc["H"] / acc["n"], cfg)
-        if cfg.group_size == PER_TENSOR:  # one grid per linear
-            for name, lin in members:
-                _replace(state, name, lin, dataclasses.replace(stats, grid=tensor_grid(lin.weight, cfg)), offload)
-            return
-        # Rows are independent under a shared Hessian: one pass over the stacked rows of
-        # q/k/v (or gate/up) gives the same result with a third of the column steps.
-        stacked = gptq_quantize(torch.cat([lin.weight for _, lin in members]), stats, cfg)
-        kept = _offload(stats, offload)
-        for (name, lin), w_hat in zip(members, stacked.split([lin.out_features for _, lin in members])):
-            _replace(state, name, lin, stats, offload, w_hat, kept)
+    stats = hessian_stats(2 * acc["H"] / acc["n"], cfg)
+    if cfg.group_size == PER_TENSOR:  # one grid per linear
+        for name, lin in members:
+            _replace(state, name, lin, dataclasses.replace(stats, grid=tensor_grid(lin.weight, cfg)), offload)
         return
+    # Rows are independent under a shared Hessian: one pass over the stacked rows of
+    # q/k/v (or gate/up) gives the same result with a third of the column steps.
+    stacked = gptq_quantize(torch.cat([lin.weight for _, lin in members]), stats, cfg)
+    kept = _offload(stats, offload)
+    for (name, lin), w_hat in zip(members, stacked.split([lin.out_features for _, lin in members])):
+        _replace(state, name, lin, stats, offload, w_hat, kept)
+
+
+def _awq_accumulate(a: dict, xf: torch.Tensor, gen, per_sample: int) -> None:
+    a["abs"] = a.get("abs", 0) + xf.abs().sum(0)
+    pick = torch.randperm(xf.shape[0], generator=gen)[:per_sample].to(xf.device)
+    a.setdefault("x", []).append(xf[pick])
+
+
+def _awq_group(state, members, acc, offload, gen) -> None:
+    cfg = state.cfg
     x = torch.cat(acc["x"])
     s = awq_search_scales([lin.weight for _, lin in members], x, acc["abs"] / acc["n"], cfg)
     xc = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_CLIP_TOKENS].to(x.device)] / s
@@ -621,3 +605,57 @@ def _quantize_group(state, members, acc, offload, gen) -> None:
         ws = lin.weight.float() * s
         clip = awq_search_clip(ws, xc, cfg) if cfg.awq_clip and cfg.group_size != PER_TENSOR else None
         _replace(state, name, lin, AWQStats(s, clip, tensor_grid(ws, cfg)), offload)
+
+
+def _quantize_group(state, members, acc, offload, gen) -> None:
+    QUANTIZERS[state.cfg.method].quantize_group(state, members, acc, offload, gen)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _rowwise(cfg: QuantConfig) -> bool:
+    # each row's grid is that row's own min/max (GPTQ: rows are quantized independently with a shared
+    # Hessian and error feedback linear in the row), so it scales with the row; one grid per tensor does not
+    return cfg.group_size != PER_TENSOR
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One entry of QUANTIZERS: a new method is one function and one line there.
+
+    fn(weight, cfg, stats) -> dequantized weight (any row slice of a weight works for re-quantization).
+    needs_calibration: quantize_model streams each decoder layer's inputs through `accumulate`, then
+    hands each group of linears sharing an input to `quantize_group` (which stores the method's stats).
+    row_scale_equivariant(cfg): Q(diag(g) W) == diag(g) Q(W), so symmetric rescaling before it is a no-op.
+    frozen_rows(cfg): re-quantizing rows keeps the searched stats frozen, so a moved band's rows scale
+    with their grid (equivariant for the rescaler even where the method itself is not).
+    """
+
+    fn: Callable[..., torch.Tensor]
+    needs_calibration: bool = False
+    accumulate: Callable | None = None  # calibrated: (acc, x, generator, tokens per sample) per layer input
+    quantize_group: Callable | None = None  # calibrated: (state, linears sharing an input, acc, offload, generator)
+    row_scale_equivariant: Callable[[QuantConfig], bool] = _rowwise
+    frozen_rows: Callable[[QuantConfig], bool] = lambda cfg: False
+    label: str = ""
+
+    def __call__(self, w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
+        return self.fn(w, cfg, stats)
+
+
+QUANTIZERS: dict[str, Quantizer] = {
+    "none": Quantizer(lambda w, cfg, stats=None: w.clone(), label="full precision"),
+    "rtn": Quantizer(_rtn, label="round to nearest, min-max grid"),
+    "gptq": Quantizer(_gptq, True, _gptq_accumulate, _gptq_group, label="GPTQ (Hessian error feedback)"),
+    # AWQ's scale search sums output error over all rows, so rescaled rows change s for every row
+    "awq": Quantizer(_awq, True, _awq_accumulate, _awq_group, row_scale_equivariant=lambda cfg: False,
+                     frozen_rows=lambda cfg: cfg.group_size != PER_TENSOR, label="AWQ (activation-aware scales)"),
+}
+METHODS = tuple(QUANTIZERS)
+NEEDS_CALIBRATION = tuple(m for m, q in QUANTIZERS.items() if q.needs_calibration)
+
+
+def is_row_scale_equivariant(cfg: QuantConfig) -> bool:
+    """True when Q(diag(g) W) == diag(g) Q(W) up to rounding for positive row scales g, i.e.
+    symmetric per-band rescaling before this quantizer changes nothing but rounding."""
+    return cfg.is_identity or QUANTIZERS[cfg.method].row_scale_equivariant(cfg)

@@ -38,7 +38,9 @@ from qroar.errors import ConfigError, ModelError
 
 MODES = ("symmetric", "shared")
 ORDERS = ("before", "after")
-VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
+# What the model computes while one is in force: full precision, quantized, and each with the per-band scales.
+VARIANTS = ("fp", "quant", "fp_scaled", "quant_scaled")
+SCALED = ("fp_scaled", "quant_scaled")
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,10 @@ def invariance_note(quant_cfg, scale_cfg: ScaleConfig, has_qk_norm: bool = False
         return ("This model normalises q and k per head before RoPE, so the scales act on the norm weights, which "
                 "are not quantized: a symmetric scale cannot interact with the weight quantizer and changes only "
                 "rounding. Use shared mode for a real effect.")
-    frozen_awq = quant_cfg.method == "awq" and quant_cfg.group_size != quant.PER_TENSOR
-    if quant.is_row_scale_equivariant(quant_cfg) or frozen_awq:
-        why = ("AWQ's input scales and clip ratios stay frozen when rows are re-quantized, so its min-max groups "
-               "scale with the row" if frozen_awq else
+    frozen = quant.QUANTIZERS[quant_cfg.method].frozen_rows(quant_cfg)
+    if quant.is_row_scale_equivariant(quant_cfg) or frozen:
+        why = (f"{quant_cfg.method.upper()}'s searched statistics stay frozen when rows are re-quantized, so its "
+               "min-max groups scale with the row" if frozen else
                "min-max grids with groups along the input dimension give Q(gW) = g Q(W)")
         return (f"Symmetric rescaling before {quant_cfg.describe()} cannot change the model beyond rounding: {why}. "
                 "Any 'gain' is rounding noise. Use shared mode or a per-tensor grid (group size -2) for a real effect.")
@@ -149,7 +151,7 @@ class BandRows:
     bias: torch.Tensor | None = None  # (R,) full-precision bias entries
     offset: float = 0.0  # norm: 1.0 for Gemma's x * (1 + w)
     quant: torch.Tensor | None = None  # unscaled quantized rows
-    scaled_quant: torch.Tensor | None = None  # rows for "scaled" with order "before"
+    scaled_quant: torch.Tensor | None = None  # rows for "quant_scaled" with order "before"
 
     def mask(self, b: int) -> torch.Tensor:
         return self.band == b
@@ -191,11 +193,13 @@ def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str]) 
 
 
 class Rescaler:
-    """Per-band scales on one model's q/k rows, with the caches that make moving one band cheap.
+    """The q/k rows (or norm dims) that the bands own, with the caches that make moving one band cheap.
 
-    Build it while the model holds its full-precision weights (they are copied, q/k rows only);
-    `attach_quant` while it holds the quantized ones. `write(variant)` puts the rows of a variant
-    into the model in place: "fp", "quant" (unscaled) or "fp_scaled", "scaled" (with the scales).
+    It holds no scales: the Workbench owns them and passes them in. Build it while the model holds its
+    full-precision weights (they are copied, q/k rows only); `attach_quant` while it holds the
+    quantized ones. `refresh(bands, scales, cfg)` re-quantizes the rows of the given bands for order
+    "before"; `write(variant, scales, cfg)` puts the rows of a variant into the model in place: "fp",
+    "quant" (unscaled) or "fp_scaled", "quant_scaled" (with the scales).
     """
 
     def __init__(self, model: nn.Module, bands: bands_mod.Bands):
@@ -209,10 +213,7 @@ class Rescaler:
         self.targets = [_proj_rows(layer, p, bands, names) for layer in layers for p in ("q", "k")]
         self.has_qk_norm = any(t.kind == "norm" for t in self.targets)
         self.qstate = None
-        self.cfg = ScaleConfig()
-        self.scales = torch.ones(bands.n_bands, dtype=torch.float64)
-        self._written: tuple | None = None  # (variant, version) now in the model
-        self._version = 0
+        self._written: tuple | None = None  # the write key now in the model
 
     @property
     def n_bands(self) -> int:
@@ -222,86 +223,70 @@ class Rescaler:
 
     @torch.no_grad()
     def attach_quant(self, qstate) -> None:
-        """Copy the quantized q/k rows from the model's weights now in place (None: no quantization)."""
+        """Copy the quantized q/k rows from the model's weights now in place (None: no quantization);
+        the "before" rows of scaled bands need a `refresh` after this."""
         self.qstate = qstate if qstate is not None and not qstate.cfg.is_identity else None
         for t in self.targets:
             quantized = self.qstate is not None and t.kind == "rows" and t.name in self.qstate.originals
             t.quant = t.module.weight.detach()[t.index].clone() if quantized else None
             t.scaled_quant = None
-        self._refresh_all()
-
-    # ------------------------------------------------------------------ scales
-
-    def set_scales(self, scales, cfg: ScaleConfig | None = None) -> None:
-        self.scales = check_scales(scales, self.n_bands)
-        self.cfg = cfg or self.cfg
-        self._refresh_all()
-
-    def set_band_scale(self, b: int, g: float) -> None:
-        """Move one band's scale: only that band's q/k rows are recomputed (and re-quantized)."""
-        if not isinstance(b, int) or not 0 <= b < self.n_bands:
-            raise ConfigError(f"Band {b!r} does not exist: choose 0 to {self.n_bands - 1}.")
-        s = self.scales.tolist()
-        s[b] = g
-        self.scales = check_scales(s, self.n_bands)  # names band b if g is bad
-        self._refresh_band(b)
-        self._version += 1
-
-    def _refresh_all(self) -> None:
-        for b in range(self.n_bands):
-            self._refresh_band(b)
-        self._version += 1
+        self._written = None
 
     @torch.no_grad()
-    def _refresh_band(self, b: int) -> None:
-        """Recompute the "before" quantized rows of band b (q and k of every layer)."""
-        if self.cfg.order != "before" or self.qstate is None:
+    def refresh(self, bands, scales, cfg: ScaleConfig) -> None:
+        """Recompute the "before" quantized rows of `bands` (q and k of every layer) for these scales."""
+        if cfg.order != "before" or self.qstate is None:
             return
         from qroar.quant import requantize_rows
 
-        factors = band_factors(self.scales, self.cfg.mode)
+        factors = band_factors(check_scales(scales, self.n_bands), cfg.mode)
         for t in self.targets:
             if t.quant is None:
                 continue
             if t.scaled_quant is None:
                 t.scaled_quant = t.quant.clone()
-            m = t.mask(b)
-            f = float(factors[t.proj][b])
-            if f == 1.0:  # the quantizer's own rows, bit for bit
-                t.scaled_quant[m] = t.quant[m]
-                continue
-            rows = t.fp[m].float() * f
-            t.scaled_quant[m] = requantize_rows(self.qstate, t.name, rows, t.index[m]).to(t.fp.dtype)
+            for b in bands:
+                m = t.mask(b)
+                f = float(factors[t.proj][b])
+                if f == 1.0:  # the quantizer's own rows, bit for bit
+                    t.scaled_quant[m] = t.quant[m]
+                    continue
+                rows = t.fp[m].float() * f
+                t.scaled_quant[m] = requantize_rows(self.qstate, t.name, rows, t.index[m]).to(t.fp.dtype)
+        self._written = None
 
     # ------------------------------------------------------------------ writing into the model
 
-    def rows_for(self, t: BandRows, variant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight rows or norm dims, bias entries) of target t under a variant."""
+    def rows_for(self, t: BandRows, variant: str, scales=None, cfg: ScaleConfig | None = None):
+        """(weight rows or norm dims, bias entries) of target t under a variant (scales: for the scaled ones)."""
         if variant not in VARIANTS:
             raise ConfigError(f"Unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
-        scaled = variant in ("fp_scaled", "scaled")
-        f = t.row_factor(band_factors(self.scales, self.cfg.mode)[t.proj]) if scaled else None
+        scaled = variant in SCALED
+        f = t.row_factor(band_factors(torch.as_tensor(scales, dtype=torch.float64), cfg.mode)[t.proj]) if scaled else None
         if t.kind == "norm":
             w = t.fp if f is None else ((t.fp.float() + t.offset) * f - t.offset).to(t.fp.dtype)
             return w, None
         bias = t.bias if (t.bias is None or f is None) else (t.bias.float() * f).to(t.bias.dtype)
-        quantized = variant in ("quant", "scaled") and t.quant is not None
+        quantized = variant in ("quant", "quant_scaled") and t.quant is not None
         if not scaled:
             return (t.quant if quantized else t.fp), bias
         if not quantized:
             return (t.fp.float() * f[:, None]).to(t.fp.dtype), bias
-        if self.cfg.order == "before":
+        if cfg.order == "before":
             return t.scaled_quant, bias
         return (t.quant.float() * f[:, None]).to(t.quant.dtype), bias
 
     @torch.no_grad()
-    def write(self, variant: str, force: bool = False) -> None:
-        """Put the q/k rows (or norm dims) of `variant` into the model, in place."""
-        key = (variant, self._version)
-        if key == self._written and not force:
+    def write(self, variant: str, scales=None, cfg: ScaleConfig | None = None, key=None) -> None:
+        """Put the q/k rows (or norm dims) of `variant` into the model, in place; `key` names what is
+        written (the caller's version of the scales), so writing the same thing twice costs nothing."""
+        if variant in SCALED and (scales is None or cfg is None):
+            raise ConfigError(f"Variant {variant!r} needs scales: set them first (a recipe with scales or a scales file).")
+        key = None if key is None else (variant, key if variant in SCALED else None)
+        if key is not None and key == self._written:
             return
         for t in self.targets:
-            w, bias = self.rows_for(t, variant)
+            w, bias = self.rows_for(t, variant, scales, cfg)
             t.module.weight.data.index_copy_(0, t.index, w.to(t.module.weight.dtype))
             if bias is not None:
                 t.module.bias.data.index_copy_(0, t.index, bias.to(t.module.bias.dtype))
@@ -318,6 +303,5 @@ def rescale_model(model: nn.Module, bands: bands_mod.Bands, scales, cfg: ScaleCo
     `rescaler.write("fp")` puts the original rows back.
     """
     r = Rescaler(model, bands)
-    r.set_scales(scales, cfg)
-    r.write("fp_scaled")
+    r.write("fp_scaled", check_scales(scales, bands.n_bands), cfg)
     return r

@@ -98,6 +98,8 @@ class RopeFreqs:
 
 def text_config(config):
     """The decoder's config (multimodal wrappers keep it under text_config)."""
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config()
     return getattr(config, "text_config", None) or config
 
 

@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 
 from qroar.errors import Cancelled, ConfigError, DataError
-from qroar.rescale import MODES, ORDERS, ScaleConfig
+from qroar.rescale import ScaleConfig
 
 CHECKPOINT_SCHEMA = 1
 W_MAX, W_MIN, G_FLOOR = math.log(1.25), math.log(1.02), 0.5
@@ -116,14 +116,11 @@ def derive_windows(ip_table: pd.DataFrame, tir_table: pd.DataFrame | None = None
     return pd.DataFrame(rows, columns=["band", "ip", "tir", "g_min", "g_max", "reason"])
 
 
-def windows_for(wb, tir_table: pd.DataFrame | None = None, lengths=None, **kw) -> pd.DataFrame:
-    """derive_windows from the workbench's analytic IP (and a TIR table from diagnostics, if any)."""
-    from qroar.diagnostics import interpolation_pressure
+def windows_for(wb, tir_table: pd.DataFrame | None = None, **kw) -> pd.DataFrame:
+    """The windows of the workbench's recipe (qroar.recipe.windows: this rule, then any set by hand)."""
+    from qroar.recipe import windows
 
-    tc = wb.freqs().trained_context
-    lengths = lengths or (tc * 8,)
-    ip = interpolation_pressure(lambda D: wb.freqs(seq_len=D), wb.bands, lengths)
-    return derive_windows(ip, tir_table, **kw)
+    return windows(wb.recipe, wb.geometry, tir_table, **kw)
 
 
 def check_windows(windows, n_bands: int) -> list[tuple[float, float]]:
@@ -169,13 +166,13 @@ class SearchConfig:
     heldout_corpus: str = "embedded:heldout"
     max_windows_per_doc: int | None = 2
     batch_size: int | None = None
-    mode: str = "shared"
-    order: str = "before"
     checkpoint: str | None = None
     k_folds: int = 0
     nested: bool = False
-    race: bool = False
+    strategy: str = "grid"  # a key of STRATEGIES
     race_eta: int = 3
+    objective: str = "ppl"  # a key of OBJECTIVES
+    allow_invariant: bool = False  # search even when the invariance note says scales cannot act
 
     def __post_init__(self):
         for name in ("lengths", "length_weights"):
@@ -193,18 +190,20 @@ class SearchConfig:
             raise ConfigError(f"Give one finite non-negative weight per length ({len(self.lengths)}), not all zero; got {w!r}.")
         if not (isinstance(self.guard_tol, (int, float)) and math.isfinite(self.guard_tol) and self.guard_tol >= 0):
             raise ConfigError(f"guard_tol must be a finite fraction >= 0 (0.005 = 0.5%), got {self.guard_tol!r}.")
-        if self.mode not in MODES or self.order not in ORDERS:
-            raise ConfigError(f"mode must be one of {MODES} and order one of {ORDERS}; got {self.mode!r}, {self.order!r}.")
         if not (isinstance(self.k_folds, int) and (self.k_folds == 0 or self.k_folds >= 2)):
             raise ConfigError(f"k_folds must be 0 (no folds) or at least 2, got {self.k_folds!r}.")
-        if not isinstance(self.nested, bool) or not isinstance(self.race, bool):
-            raise ConfigError(f"nested and race are true or false, got {self.nested!r} and {self.race!r}.")
+        if not isinstance(self.nested, bool) or not isinstance(self.allow_invariant, bool):
+            raise ConfigError(f"nested and allow_invariant are true or false, got {self.nested!r} and {self.allow_invariant!r}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"Unknown search strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"Unknown search objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}.")
         if not (isinstance(self.race_eta, int) and 2 <= self.race_eta <= 4):
             raise ConfigError(f"race_eta (the share of candidates kept per rung is 1/eta) must be 2, 3 or 4, got {self.race_eta!r}.")
 
     @property
-    def scale_cfg(self) -> ScaleConfig:
-        return ScaleConfig(self.mode, self.order)
+    def race(self) -> bool:
+        return self.strategy == "race"
 
     def weights(self) -> dict[int, float] | None:
         return None if self.length_weights is None else dict(zip(self.lengths, self.length_weights))
@@ -215,10 +214,74 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
+        d = dict(d)
+        if "race" in d:  # files written before strategies were a registry
+            d["strategy"] = "race" if d.pop("race") else d.get("strategy", "grid")
+        d.pop("mode", None), d.pop("order", None)  # now the recipe's (scale.mode / scale.order)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"Unknown search settings: {', '.join(sorted(unknown))}.")
         return cls(**d)
+
+
+def add_search_args(p) -> None:
+    """The SearchConfig's arguments, with its own defaults (`search_config_from_args` reads them back)."""
+    base = SearchConfig()
+    g = p.add_argument_group("corpus")
+    g.add_argument("--dev-corpus", default=base.dev_corpus, help="documents the search optimises on")
+    g.add_argument("--heldout-corpus", default=base.heldout_corpus, help="documents the result is reported on")
+    g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x the trained context)")
+    g.add_argument("--length-weights", default=None, help="comma-separated weights, one per length (default: proportional to length)")
+    g.add_argument("--max-windows", type=int, default=base.max_windows_per_doc, help="at most this many windows per document and length")
+    g.add_argument("--batch-size", type=int, default=None)
+    o = p.add_argument_group("search")
+    o.add_argument("--strategy", default=base.strategy, choices=list(STRATEGIES),
+                   help="; ".join(f"{k}: {v.label}" for k, v in STRATEGIES.items()))
+    o.add_argument("--race", action="store_const", const="race", dest="strategy", help="same as --strategy race")
+    o.add_argument("--race-eta", type=int, default=base.race_eta, help="racing keeps the best 1/eta of the candidates per rung (2-4)")
+    o.add_argument("--objective", default=base.objective, choices=list(OBJECTIVES),
+                   help="; ".join(f"{k}: {v.label}" for k, v in OBJECTIVES.items()))
+    o.add_argument("--candidates", type=int, default=base.n_candidates, help="candidates per band (5-9)")
+    o.add_argument("--sweeps", type=int, default=base.sweeps, help="coordinate-descent sweeps over the bands (1-2)")
+    o.add_argument("--guard", type=float, default=base.guard_tol, help="short-context guard: max relative ppl rise at the shortest length")
+    o.add_argument("--folds", type=int, default=base.k_folds, help="k-fold stability of the chosen scales (0 = off)")
+    o.add_argument("--checkpoint", default=None, help="JSON file saved after every evaluation; rerun with it to resume")
+    o.add_argument("--nested", action="store_true",
+                   help="score every length from one forward at the longest (shorter lengths = prefixes of the long windows)")
+    o.add_argument("--allow-invariant", action="store_true",
+                   help="search even when the settings cannot change the model beyond rounding (to see the noise)")
+
+
+def search_config_from_args(a, trained_context: int) -> SearchConfig:
+    def numbers(text, cast, what):
+        try:
+            return tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise ConfigError(f"{what} expects comma-separated numbers, got {text!r}.") from e
+
+    lengths = numbers(a.lengths, int, "--lengths") if a.lengths else (trained_context, 4 * trained_context)
+    weights = numbers(a.length_weights, float, "--length-weights") if a.length_weights else None
+    return SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=lengths, length_weights=weights,
+                        guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
+                        max_windows_per_doc=a.max_windows, batch_size=a.batch_size, checkpoint=a.checkpoint,
+                        k_folds=a.folds, nested=a.nested, strategy=a.strategy, race_eta=a.race_eta,
+                        objective=a.objective, allow_invariant=a.allow_invariant)
+
+
+def search_args(cfg: SearchConfig) -> list[str]:
+    """`qroar search` arguments that `search_config_from_args` turns back into `cfg` (lengths always given)."""
+    base, out = SearchConfig(), ["--lengths", ",".join(map(str, cfg.lengths))]
+    if cfg.length_weights is not None:
+        out += ["--length-weights", ",".join(repr(float(w)) for w in cfg.length_weights)]
+    for flag, name in (("--dev-corpus", "dev_corpus"), ("--heldout-corpus", "heldout_corpus"), ("--max-windows", "max_windows_per_doc"),
+                       ("--batch-size", "batch_size"), ("--strategy", "strategy"), ("--race-eta", "race_eta"),
+                       ("--objective", "objective"), ("--candidates", "n_candidates"), ("--sweeps", "sweeps"),
+                       ("--guard", "guard_tol"), ("--folds", "k_folds"), ("--checkpoint", "checkpoint")):
+        v = getattr(cfg, name)
+        if v != getattr(base, name) and v is not None:
+            out += [flag, repr(v) if isinstance(v, float) else str(v)]
+    out += ["--nested"] * cfg.nested + ["--allow-invariant"] * cfg.allow_invariant
+    return out
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -298,6 +361,9 @@ class SearchResult:
     objective: dict
     note: str | None
     folds: pd.DataFrame | None = None
+    noise_scales: list[float] | None = None  # what rounding noise chose when the note holds (not a result)
+    recipe: dict | None = None  # the Recipe the scales belong to (Recipe.to_dict)
+    search_cfg: dict | None = None  # the SearchConfig that found them (SearchConfig.to_dict)
     settings: dict = field(default_factory=dict)
     evaluations: int = 0  # computed in this run
     reused: int = 0  # taken from the checkpoint
@@ -311,7 +377,7 @@ class SearchResult:
     def heldout_gain(self) -> float:
         """Relative change of the held-out objective's perplexity, scaled vs unscaled quantized (negative = better)."""
         o = self.objective["heldout"]
-        return math.exp(o["scaled"] - o["quant"]) - 1
+        return math.exp(o["quant_scaled"] - o["quant"]) - 1
 
     def to_dict(self) -> dict:
         rec = lambda df: None if df is None else json.loads(df.to_json(orient="records"))  # noqa: E731
@@ -321,14 +387,15 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
-            "doc_evaluations": self.doc_evaluations,
+            "doc_evaluations": self.doc_evaluations, "noise_scales": self.noise_scales, "recipe": self.recipe,
+            "search_cfg": self.search_cfg,
         }
 
 
 # ----------------------------------------------------------------------------- the search
 
 
-class _Run:
+class SearchRun:
     """One search's shared state: workbench, eval settings, checkpoint, progress and ETA."""
 
     def __init__(self, wb, cfg: SearchConfig, ck: Checkpoint, total: int, progress, cancel, scaled: str, base: str,
@@ -367,9 +434,7 @@ class _Run:
         return self.wb.evaluate(docs, cfg, variant, cancel=self.cancel).log_ppl()
 
     def objective(self, logp: dict[int, float]) -> float:
-        from qroar.perplexity import weighted_objective
-
-        return weighted_objective(logp, self.cfg.weights())
+        return OBJECTIVES[self.cfg.objective].fn(logp, self.cfg.weights())
 
     def _cached(self, fold: str, scales, guard_limit) -> dict | None:
         hit = self.ck.get(fold, scales)
@@ -429,13 +494,7 @@ class _Run:
         """Put `scales` on the workbench (None: full precision); the variant to evaluate."""
         if scales is None:
             return "fp"
-        now = self.wb.scales.tolist() if self.wb.scales is not None else None
-        if now is None:
-            self.wb.set_scales(scales, self.cfg.scale_cfg)
-        else:
-            for b, (a, g) in enumerate(zip(now, scales)):
-                if a != g:
-                    self.wb.set_band_scale(b, g)
+        self.wb.apply(self.wb.recipe.with_scales(scales))  # re-quantizes only the bands that moved
         return self.scaled
 
     def per_doc(self, docs, scales, what: str = "") -> dict[str, dict[int, tuple[float, int]]]:
@@ -488,7 +547,7 @@ def rungs(n_docs: int, eta: int) -> list[int]:
     return out + [n_docs]
 
 
-def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: list[float], tol: float,
+def _race_band(run: SearchRun, fold: str, docs, current: list[float], b: int, gs: list[float], tol: float,
                history: list, sweep: int) -> float:
     """Successive halving over documents for band b (module docstring); returns the band's new scale."""
     ids = docs.doc_ids
@@ -522,25 +581,32 @@ def _race_band(run: _Run, fold: str, docs, current: list[float], b: int, gs: lis
     return winner
 
 
-def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
-    """Coordinate descent from all-ones; returns (scales, best entry, unscaled entry)."""
-    B = len(cands)
-    current = [1.0] * B
-    if run.cfg.race:
-        base = run.entry(docs, current, f"[{fold}] unscaled quantized baseline")
-        for sweep in range(run.cfg.sweeps):
-            for b in range(B):
-                gs = [g for g in cands[b] if g != current[b]]
-                current[b] = _race_band(run, fold, docs, current, b, gs, run.cfg.guard_tol, history, sweep)
-                run.ck.position = {"fold": fold, "sweep": sweep, "band": b}
-                run.ck.best[fold] = list(current)
-                run.ck.save()
-        return current, run.entry(docs, current), base
+def _mark(run: SearchRun, fold: str, sweep: int, b: int, current: list[float]) -> None:
+    run.ck.position = {"fold": fold, "sweep": sweep, "band": b}
+    run.ck.best[fold] = list(current)
+    run.ck.save()
+
+
+def descend_race(run: SearchRun, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
+    """Coordinate descent from all-ones, each band raced over the documents (module docstring)."""
+    current = [1.0] * len(cands)
+    base = run.entry(docs, current, f"[{fold}] unscaled quantized baseline")
+    for sweep in range(run.cfg.sweeps):
+        for b in range(len(cands)):
+            gs = [g for g in cands[b] if g != current[b]]
+            current[b] = _race_band(run, fold, docs, current, b, gs, run.cfg.guard_tol, history, sweep)
+            _mark(run, fold, sweep, b, current)
+    return current, run.entry(docs, current), base
+
+
+def descend_grid(run: SearchRun, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
+    """Coordinate descent from all-ones, every candidate on every dev document (the paper's search)."""
+    current = [1.0] * len(cands)
     base = run.evaluate(fold, docs, current, None, f"[{fold}] unscaled quantized baseline")
     limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
     best = base
     for sweep in range(run.cfg.sweeps):
-        for b in range(B):
+        for b in range(len(cands)):
             keep = current[b]
             gs = [g for g in cands[b] if g != current[b]]
             trials = [current[:b] + [g] + current[b + 1:] for g in gs]
@@ -552,13 +618,47 @@ def _descend(run: _Run, fold: str, docs, cands: list[list[float]], history: list
                 if better:
                     best, keep = e, g
             current[b] = keep
-            run.ck.position = {"fold": fold, "sweep": sweep, "band": b}
-            run.ck.best[fold] = list(current)
-            run.ck.save()
+            _mark(run, fold, sweep, b, current)
     return current, best, base
 
 
-def _race_budget(n_docs: int, per_band: list[int], cfg: SearchConfig) -> int:
+def _grid_budget(n_docs: int, per_band: list[int], cfg: "SearchConfig") -> int:
+    """Evaluations (one scale vector on all dev documents) the exhaustive descent makes."""
+    return (1 + cfg.sweeps * sum(per_band)) * (1 + cfg.k_folds)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One entry of STRATEGIES: a new search method is one function and one line there.
+
+    descend(run, fold, docs, candidates, history) -> (scales, best entry, unscaled entry); the run
+    evaluates scale vectors (run.evaluate / run.entry) and keeps the checkpoint.
+    budget(n_docs, candidates per band, cfg) -> the most work units it can spend; `per_document`:
+    the units are single documents (else scale vectors on every document).
+    """
+
+    descend: Callable
+    budget: Callable
+    per_document: bool
+    label: str
+    spreads: bool = True  # can spread candidates over processes (qroar.distributed)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One entry of OBJECTIVES: fn({length: log_ppl}, weights or None) -> the number the search minimises."""
+
+    fn: Callable
+    label: str
+
+
+def _ppl_objective(logp: dict[int, float], weights) -> float:
+    from qroar.perplexity import weighted_objective
+
+    return weighted_objective(logp, weights)
+
+
+def _race_budget(n_docs: int, per_band: list[int], cfg: "SearchConfig") -> int:
     """Document evaluations racing costs at most: the baseline, then per band each rung's survivors
     on the rung's new documents (the incumbent's documents are always known already)."""
     r = rungs(n_docs, cfg.race_eta)
@@ -571,11 +671,21 @@ def _race_budget(n_docs: int, per_band: list[int], cfg: SearchConfig) -> int:
     return cost * (1 + cfg.k_folds)
 
 
+STRATEGIES: dict[str, Strategy] = {
+    "grid": Strategy(descend_grid, _grid_budget, per_document=False, label="coordinate descent, every candidate on every dev document"),
+    "race": Strategy(descend_race, lambda n, per_band, cfg: _race_budget(n, per_band, cfg), per_document=True, spreads=False,
+                     label="coordinate descent, candidates raced over dev documents (successive halving)"),
+}
+OBJECTIVES: dict[str, Objective] = {
+    "ppl": Objective(_ppl_objective, "length-weighted mean log-perplexity"),
+}
+
+
 def _settings_hash(wb, cfg: SearchConfig, windows, dev, held) -> tuple[str, dict]:
     s = {
         "fingerprint": wb.info.fingerprint, "pi": wb.pi.to_dict(),
         "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
-        "bands": list(wb.bands.edges),
+        "bands": list(wb.bands.edges), "scale": wb.scale_cfg.to_dict(),
         "search": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint"},
         "windows": [[round(a, 12), round(b, 12)] for a, b in windows],
         "dev": [[d, int(t.numel())] for d, t in zip(dev.doc_ids, dev.tokens)],
@@ -584,12 +694,21 @@ def _settings_hash(wb, cfg: SearchConfig, windows, dev, held) -> tuple[str, dict
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16], s
 
 
-def _table(run: _Run, docs, fold: str, scales, variants) -> tuple[pd.DataFrame, dict]:
-    """Per (variant, length) log-ppl of fp, unscaled and scaled models on docs; objective per variant."""
+def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFrame, dict]:
+    """Per (variant, length) log-ppl of fp, unscaled and scaled models on docs; objective per variant.
+
+    "fp_scaled" (the chosen scales on the full-precision model) is the control: a gain it shares is
+    an attention-temperature effect, not a repair of quantization noise."""
     rows, obj = [], {}
     for name in variants:
-        s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
-        e = run.entry(docs, s, f"[{fold}] {name}") if run.cfg.race else run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
+        if name == "fp_scaled":
+            run._set(scales)
+            logp = run.wb.evaluate(docs, run.eval_all, "fp_scaled", cancel=run.cancel).log_ppl()
+            e = {"log_ppl": logp, "objective": run.objective(logp)}
+        else:
+            s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
+            e = run.entry(docs, s, f"[{fold}] {name}") if STRATEGIES[run.cfg.strategy].per_document \
+                else run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
         obj[name] = e["objective"]
         rows += [dict(variant=name, length=L, log_ppl=v, ppl=math.exp(v)) for L, v in sorted(e["log_ppl"].items())]
     return pd.DataFrame(rows), obj
@@ -600,12 +719,20 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
     """Find per-band scales for the workbench's model under its PI and quantizer (module docstring).
 
     windows: a derive_windows table or (g_min, g_max) per band; None derives them from IP alone.
-    Without a quantizer the search runs on full precision (fp_scaled vs fp). On success the chosen
-    scales are set on the workbench; on cancel or error its previous scales are put back.
+    The bands, mode and order are the workbench's recipe's. Without a quantizer the search runs on
+    full precision (fp_scaled vs fp). On success the chosen scales are set on the workbench; on
+    cancel or error its previous recipe is put back. When the invariance note says these settings
+    cannot change the model beyond rounding, the search refuses to start (ConfigError) unless
+    cfg.allow_invariant; then it runs, and the result keeps all scales at 1 (what rounding noise
+    chose is in `noise_scales`, never presented as a result).
     parallel: a qroar.distributed.Ranks, to spread each band's candidates over processes (same result).
     """
     t0 = time.time()
     with wb.lock:
+        note = wb.invariance_note()
+        if note and not cfg.allow_invariant:
+            raise ConfigError(f"{note} The search would only measure rounding noise, so it was not started; "
+                              "change the mode, order or quantizer (or allow it explicitly to see the noise).")
         win_table = windows if isinstance(windows, pd.DataFrame) else None
         if windows is None:
             win_table = windows_for(wb)
@@ -621,39 +748,39 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         h, settings = _settings_hash(wb, cfg, pairs, dev, held)
         ck = Checkpoint(cfg.checkpoint, h, settings, write=parallel is None or parallel.is_main)
         quantized = wb.qstate is not None
-        scaled, base = ("scaled", "quant") if quantized else ("fp_scaled", "fp")
-        variants = ("fp", "quant", "scaled")
-        if cfg.race and parallel is not None and parallel.world_size > 1:
-            raise ConfigError("Racing runs in one process: turn race off to spread the search over processes.")
-        per_descent = 1 + cfg.sweeps * sum(len(c) - 1 for c in cands)
-        total = per_descent * (1 + cfg.k_folds) + 6  # + fp, quant, scaled on dev and on held-out
-        if cfg.race:  # in documents: the most racing can cost (fewer when candidates fall out early)
-            total = _race_budget(len(dev.doc_ids), [len(c) - 1 for c in cands], cfg) + 2 * len(dev.doc_ids) + 3 * len(held.doc_ids)
-        run = _Run(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
-        prior = (None if wb.scales is None else wb.scales.clone(), wb.scale_cfg)
+        scaled, base = ("quant_scaled", "quant") if quantized else ("fp_scaled", "fp")
+        variants = ("fp", "quant", "quant_scaled")
+        strategy = STRATEGIES[cfg.strategy]
+        if not strategy.spreads and parallel is not None and parallel.world_size > 1:
+            raise ConfigError(f"The {cfg.strategy} strategy runs in one process: choose another to spread the search over processes.")
+        per_band = [len(c) - 1 for c in cands]
+        total = strategy.budget(len(dev.doc_ids), per_band, cfg)
+        total += 2 * len(dev.doc_ids) + 3 * len(held.doc_ids) if strategy.per_document else 6  # fp, quant, scaled tables
+        run = SearchRun(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
+        prior = wb.recipe
         history: list[dict] = []
         try:
-            wb.set_scales([1.0] * wb.bands.n_bands, cfg.scale_cfg)
-            scales, _, _ = _descend(run, "all", dev, cands, history)
+            wb.apply(wb.recipe.with_scales([1.0] * wb.bands.n_bands))
+            scales, _, _ = strategy.descend(run, "all", dev, cands, history)
             fold_rows = []
             for k in range(cfg.k_folds):
                 keep = [d for i, d in enumerate(dev.doc_ids) if i % cfg.k_folds != k]
-                fs, _, _ = _descend(run, f"fold{k}", dev.subset(keep), cands, history)
+                fs, _, _ = strategy.descend(run, f"fold{k}", dev.subset(keep), cands, history)
                 fold_rows += [dict(fold=k, band=b, g=g) for b, g in enumerate(fs)]
             dev_table, dev_obj = _table(run, dev, "all", scales, variants)
-            held_table, held_obj = _table(run, held, "heldout", scales, variants)
+            held_table, held_obj = _table(run, held, "heldout", scales, variants + (("fp_scaled",) if quantized else ()))
         except BaseException as e:
-            if prior[0] is None:
-                wb.set_scales(None)
-            else:
-                wb.set_scales(prior[0], prior[1])
+            wb.apply(prior)
             if isinstance(e, Cancelled):
                 where = (f"progress is saved in {ck.path}: run the same search with it to resume" if ck.path
                          else "no checkpoint file was given, so its progress is lost")
                 raise Cancelled(f"Search cancelled after {run.fresh} evaluations; {where}.") from None
             raise
-        wb.set_scales(scales, cfg.scale_cfg)
-        if cfg.race and progress is not None:
+        noise_scales = None
+        if note:  # what rounding noise picked is not a result: the honest scales stay 1
+            noise_scales, scales = [float(g) for g in scales], [1.0] * len(scales)
+        wb.apply(wb.recipe.with_scales(scales))
+        if strategy.per_document and progress is not None:
             progress(1.0, f"done: {run.fresh} evaluations")  # the budget is an upper bound racing rarely spends
     folds = None
     if cfg.k_folds:
@@ -661,11 +788,11 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         folds = f.groupby("band")["g"].agg(["mean", "std"]).reset_index()
         folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
     return SearchResult(
-        scales=[float(g) for g in scales], scale_cfg=cfg.scale_cfg, windows=win_table, candidates=cands,
+        scales=[float(g) for g in scales], scale_cfg=wb.scale_cfg, windows=win_table, candidates=cands,
         history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs"]),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
-        note=wb.invariance_note(),
-        folds=folds, settings={**settings, "settings_hash": h, "variants": {"scaled": scaled, "quant": base}},
+        note=note, noise_scales=noise_scales, recipe=wb.recipe.to_dict(), search_cfg=cfg.to_dict(),
+        folds=folds, settings={**settings, "settings_hash": h, "variants": {"quant_scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
         doc_evaluations=run.doc_evals,
     )
@@ -673,14 +800,15 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
 
 def format_result(r: SearchResult) -> str:
     """Held-out table (lengths x variants), the scales and the honesty note, for the CLI."""
-    piv = r.heldout.pivot(index="length", columns="variant", values="ppl")[["fp", "quant", "scaled"]]
-    piv["scaled_vs_quant_%"] = 100 * (piv["scaled"] / piv["quant"] - 1)
+    piv = r.heldout.pivot(index="length", columns="variant", values="ppl")[["fp", "quant", "quant_scaled"]]
+    piv["scaled_vs_quant_%"] = 100 * (piv["quant_scaled"] / piv["quant"] - 1)
     lines = ["held-out perplexity:", piv.to_string(float_format=lambda x: f"{x:.4f}"),
              "scales: " + ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales)),
              f"held-out objective change: {100 * r.heldout_gain():+.3f}% "
-             f"(dev {100 * (math.exp(r.objective['dev']['scaled'] - r.objective['dev']['quant']) - 1):+.3f}%)"]
+             f"(dev {100 * (math.exp(r.objective['dev']['quant_scaled'] - r.objective['dev']['quant']) - 1):+.3f}%)"]
     if r.note:
-        lines.append(f"note: {r.note} The change above is rounding noise, not a gain.")
+        lines.append(f"note: {r.note} The change above is rounding noise, not a gain: the scales stay 1"
+                     + (f" (noise chose {', '.join(f'{g:.4g}' for g in r.noise_scales)})." if r.noise_scales else "."))
     if r.folds is not None:
         lines.append("k-fold stability of the chosen scales:")
         lines.append(r.folds.to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -1,15 +1,16 @@
-"""The Workbench: one loaded model and the settings applied to it, shared by the CLI and the app.
+"""The Workbench: one loaded model and the Recipe applied to it, shared by the CLI and the app.
 
-It keeps the model's own RoPE parameters (so PI settings never stack), the full-precision
-weights of everything it quantizes (so "fp" and "quant" swap tensors, never reload), and, once
-scales are set, a `rescale.Rescaler` with copies of the q/k band rows only.
-Path of data: set_pi -> set_quant -> set_bands / set_scales -> perplexity / diagnostics -> export.
+`apply(recipe)` is the one place that changes the model. It diffs the recipe against what is applied:
+a new PI re-derives the rotary embeddings (from the model's own RoPE parameters, so PI settings never
+stack); a new quantizer key re-quantizes (the quantized weights are kept while the key holds); new band
+edges rebuild the rescaler; a moved scale re-quantizes only that band's q/k rows. The Workbench owns the
+scales (the recipe's); the `rescale.Rescaler` it keeps holds only row copies and caches.
 
 Variants (what the model computes while one is in force):
-  fp         full precision
-  quant      quantized (= fp when no quantizer is set)
-  fp_scaled  full precision + per-band scales
-  scaled     quantized + per-band scales (order "before": scaled rows re-quantized; "after": dequantized rows scaled)
+  fp            full precision
+  quant         quantized (= fp when no quantizer is set)
+  fp_scaled     full precision + per-band scales
+  quant_scaled  quantized + per-band scales (order "before": scaled rows re-quantized; "after": dequantized rows scaled)
 Invariant: the tensors parked in `qstate.originals` are always unscaled; scales live in the resident weights only.
 """
 
@@ -17,18 +18,17 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
 
 from qroar import bands as bands_mod
 from qroar import models, rope
+from qroar import recipe as recipe_mod
 from qroar.errors import ConfigError
-from qroar.rescale import Rescaler, ScaleConfig, check_scales, invariance_note
-
-VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
-SCALED = ("fp_scaled", "scaled")
+from qroar.recipe import Recipe
+from qroar.rescale import SCALED, VARIANTS, Rescaler, ScaleConfig, check_scales
 
 
 @dataclass
@@ -55,18 +55,18 @@ class Workbench:
         cfg = rope.text_config(self.model.config)
         self.base_rope = rope.rope_parameters(cfg)
         self.base_max_pos = int(cfg.max_position_embeddings)
-        self.pi = rope.PIConfig()
-        self.quant_cfg = None
+        self.geometry = recipe_mod.Geometry(self.model.config, self.base_rope, self.info.rotary_dim // 2,
+                                            any(layer.q_norm is not None for layer in models.attention_layers(self.model)))
+        # what is applied now: full precision, no PI, no scales (the recipe's default quantizer is not applied yet)
+        self.recipe = Recipe(quant=None, bands=bands_mod.BandConfig(n_bands=min(8, self.info.rotary_dim // 2)))
         self.qstate = None
+        self._quant_key = None
         self._variant = "quant"
         self._base = "quant"  # which weights are resident: "fp" or "quant" (same tensors without a quantizer)
         self._corpora: dict[str, Corpus] = {}
-        self.band_cfg = bands_mod.BandConfig(n_bands=min(8, self.info.rotary_dim // 2))
-        self.bands = bands_mod.bands_for(self.freqs(), self.band_cfg)
-        self._fixed_edges = False  # edges given explicitly (a scales file) do not follow set_pi
-        self.scale_cfg = ScaleConfig()
-        self.scales: torch.Tensor | None = None  # (B,) float64, None = no scales set
+        self.bands = recipe_mod.band_edges(self.recipe, self.geometry)
         self._rescaler: Rescaler | None = None
+        self._version = 0  # of the scales written by the rescaler
         self.lock = threading.RLock()  # one computation on the model at a time
 
     @classmethod
@@ -80,163 +80,204 @@ class Workbench:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    # ------------------------------------------------------------------ position interpolation
+    # ------------------------------------------------------------------ what is applied (read-only views of the recipe)
 
-    def set_pi(self, pi: rope.PIConfig) -> dict:
-        with self.lock:
-            cfg = rope.text_config(self.model.config)
-            before, cfg.max_position_embeddings = cfg.max_position_embeddings, self.base_max_pos
-            try:
-                params = rope.apply_pi(self.model, pi, self.base_rope)
-            except BaseException:  # a rejected setting leaves the config as it was (dynamic NTK had changed it)
-                cfg.max_position_embeddings = before
-                raise
-            self.pi = pi
-            new = self.bands if self._fixed_edges else bands_mod.bands_for(self.freqs(), self.band_cfg)
-            if new != self.bands:  # YaRN-aligned edges can follow the PI setting
-                self.bands = new
-                self._rebuild_rescaler()
-            return params
+    @property
+    def pi(self) -> rope.PIConfig:
+        return self.recipe.pi
+
+    @property
+    def quant_cfg(self):
+        return self.recipe.quant if self.qstate is not None else None
+
+    @property
+    def band_cfg(self) -> bands_mod.BandConfig:
+        return self.recipe.bands
+
+    @property
+    def scale_cfg(self) -> ScaleConfig:
+        return self.recipe.scale
+
+    @property
+    def scales(self) -> torch.Tensor | None:
+        """(B,) float64, None = no scales set."""
+        s = self.recipe.scales
+        return None if s is None else torch.tensor(s, dtype=torch.float64)
 
     def freqs(self, seq_len: int | None = None) -> rope.RopeFreqs:
-        return rope.frequencies(self.model.config, self.pi, seq_len=seq_len, base_params=self.base_rope)
+        return self.geometry.freqs(self.pi, seq_len)
 
-    # ------------------------------------------------------------------ quantization
+    # ------------------------------------------------------------------ the one place that changes the model
+
+    def apply(self, recipe: Recipe, progress=None, cancel=None) -> Recipe:
+        """Put `recipe` on the model, doing only what differs from what is applied (module docstring).
+
+        Settings are checked (group size, band edges, calibration data) before anything changes.
+        """
+        with self.lock:
+            now = self.recipe
+            key = recipe.quant_key()
+            bands = recipe_mod.band_edges(recipe, self.geometry)
+            scales = None if recipe.scales is None else check_scales(recipe.scales, bands.n_bands)
+            calib = None
+            if key != self._quant_key and recipe.quantized:
+                from qroar import quant
+
+                quant.check_group_size(self.model, recipe.quant)
+                if recipe.calibrated:
+                    from qroar.calib import calibration_batches
+
+                    q = recipe.quant
+                    tokens = self.corpus(recipe.calib).tokens
+                    calib = list(calibration_batches(tokens, q.n_samples, q.seq_len or self.info.trained_context, q.seed))
+            if recipe.pi != now.pi:
+                self._set_pi(recipe.pi)  # before calibrated quantizers, which see the PI
+            self.recipe = replace(recipe, scales=None if scales is None else tuple(scales.tolist()))
+            if key != self._quant_key:
+                self._set_quant(recipe, calib, progress, cancel)
+            elif bands != self.bands:
+                self.bands = bands
+                self._rebuild_rescaler()
+            elif scales is None or now.scales is None or now.scale != recipe.scale or len(now.scales) != len(scales):
+                self._rebuild_rescaler()
+            else:  # only moved bands: their rows alone are re-quantized
+                moved = [b for b, (a, g) in enumerate(zip(now.scales, self.recipe.scales)) if a != g]
+                if moved:
+                    self._rescaler.refresh(moved, self.recipe.scales, self.recipe.scale)
+                    self._version += 1
+                    self._put_variant(self._variant)
+            return self.recipe
+
+    def _set_pi(self, pi: rope.PIConfig) -> dict:
+        cfg = rope.text_config(self.model.config)
+        before, cfg.max_position_embeddings = cfg.max_position_embeddings, self.base_max_pos
+        try:
+            return rope.apply_pi(self.model, pi, self.base_rope)
+        except BaseException:  # a rejected setting leaves the config as it was (dynamic NTK had changed it)
+            cfg.max_position_embeddings = before
+            raise
+
+    def _set_quant(self, recipe: Recipe, calib, progress, cancel) -> None:
+        from qroar import quant
+
+        self._put_variant("quant")  # unscaled, so what restore() puts back is clean
+        self._rescaler = None
+        try:
+            if self.qstate is not None:
+                quant.restore(self.model, self.qstate)
+                self.qstate, self._quant_key = None, None
+            if recipe.quantized:
+                q = recipe.quant
+                if not q.seq_len:
+                    q = replace(q, seq_len=self.info.trained_context)
+                self.qstate = quant.quantize_model(self.model, q, calib=calib, progress=progress, cancel=cancel)
+                self._quant_key = recipe.quant_key()
+        except BaseException:
+            self.recipe = replace(self.recipe, quant=quant.QuantConfig(method="none"))
+            raise
+        finally:
+            self.bands = recipe_mod.band_edges(self.recipe, self.geometry)
+            self._rebuild_rescaler()
+
+    # ------------------------------------------------------------------ one-setting shorthands (each is one apply)
+
+    def set_pi(self, pi: rope.PIConfig) -> dict:
+        self.apply(self.recipe.with_pi(pi))
+        return rope.rope_parameters(self.model.config)
 
     def set_quant(self, cfg, calib_corpus: str | None = None, progress=None, cancel=None):
         """Quantize with `cfg` (a qroar.quant.QuantConfig); method 'none' or None restores full precision."""
-        from qroar import quant
-
-        with self.lock:
-            calib = None  # settings and calibration data are checked before the current quantizer is undone
-            if cfg is not None and cfg.method != "none":
-                cfg.validate()
-                quant.check_group_size(self.model, cfg)
-                if cfg.method in quant.NEEDS_CALIBRATION:
-                    from qroar.calib import calibration_batches
-
-                    tokens = self.corpus(calib_corpus or "embedded:dev").tokens
-                    calib = list(calibration_batches(tokens, cfg.n_samples, cfg.seq_len, cfg.seed))
-            self._use("quant")  # unscaled, so what restore() puts back is clean
-            self._rescaler = None
-            try:
-                if self.qstate is not None:
-                    quant.restore(self.model, self.qstate)
-                    self.qstate, self.quant_cfg = None, None
-                if cfg is None or cfg.method == "none":
-                    return None
-                self.qstate = quant.quantize_model(self.model, cfg, calib=calib, progress=progress, cancel=cancel)
-                self.quant_cfg = cfg
-                return self.qstate
-            finally:
-                self._rebuild_rescaler()
-
-    # ------------------------------------------------------------------ bands and scales
+        r = replace(self.recipe, quant=cfg, calib=calib_corpus or self.recipe.calib)
+        self.apply(r, progress=progress, cancel=cancel)
+        return self.qstate
 
     def set_bands(self, cfg: bands_mod.BandConfig, edges=None) -> bands_mod.Bands:
         """New bands (explicit `edges` override the rule, e.g. from a scales file); scales are kept
         if the band count is unchanged, else reset to no scales."""
-        with self.lock:
-            new = bands_mod.bands_for(self.freqs(), cfg) if edges is None else self._check_edges(edges)
-            self._fixed_edges = edges is not None
-            self.band_cfg = cfg
-            reset = self.scales is not None and self.scales.numel() != new.n_bands
-            if reset:
-                self.scales = None
-            if new != self.bands or reset:
-                self.bands = new
-                self._rebuild_rescaler()
-            return self.bands
-
-    def _check_edges(self, edges) -> bands_mod.Bands:
-        n = self.info.rotary_dim // 2
-        e = [int(x) for x in edges]
-        if len(e) < 2 or e[0] != 0 or e[-1] != n or any(a >= b for a, b in zip(e, e[1:])):
-            raise ConfigError(f"Band edges must increase from 0 to this model's {n} RoPE pairs, got {list(edges)}.")
-        return bands_mod.Bands(tuple(e))
+        if edges is not None:
+            n = self.geometry.n_pairs
+            e = [int(x) for x in edges]
+            if len(e) < 2 or e[0] != 0 or e[-1] != n or any(a >= b for a, b in zip(e, e[1:])):
+                raise ConfigError(f"Band edges must increase from 0 to this model's {n} RoPE pairs, got {list(edges)}.")
+        trial = replace(self.recipe, bands=cfg, edges=None if edges is None else tuple(edges), scales=None, windows=None)
+        n_new = recipe_mod.band_edges(trial, self.geometry).n_bands
+        keep = self.recipe.scales if self.recipe.scales is not None and len(self.recipe.scales) == n_new else None
+        self.apply(replace(trial, scales=keep))
+        return self.bands
 
     def set_scales(self, scales, cfg: ScaleConfig | None = None) -> None:
         """One positive finite scale per band (shared by all layers); None removes the scales."""
-        with self.lock:
-            if scales is None:
-                self.scales = None
-                self._rebuild_rescaler()
-                return
-            s = check_scales(scales, self.bands.n_bands)
-            new_cfg = cfg or self.scale_cfg
-            self.scales, self.scale_cfg = s, new_cfg
-            if self._rescaler is None:
-                self._rebuild_rescaler()
-            else:
-                self._rescaler.set_scales(s, new_cfg)
-                self._use(self._variant)
+        if scales is None:
+            self.apply(replace(self.recipe, scales=None))
+            return
+        s = check_scales(scales, self.bands.n_bands)
+        self.apply(replace(self.recipe, scales=tuple(s.tolist()), scale=cfg or self.recipe.scale))
 
     def set_band_scale(self, b: int, g: float) -> None:
         """Move one band's scale: only that band's q/k rows are recomputed (re-quantized for order "before")."""
-        with self.lock:
-            if self.scales is None:
-                self.set_scales(torch.ones(self.bands.n_bands, dtype=torch.float64))
-            self._rescaler.set_band_scale(b, g)
-            self.scales = self._rescaler.scales.clone()
-            self._use(self._variant)
+        if not isinstance(b, int) or not 0 <= b < self.bands.n_bands:
+            raise ConfigError(f"Band {b!r} does not exist: choose 0 to {self.bands.n_bands - 1}.")
+        s = list(self.recipe.scales or (1.0,) * self.bands.n_bands)
+        s[b] = g
+        self.set_scales(s)
 
     def invariance_note(self) -> str | None:
-        """Why the current scale settings cannot change the model beyond rounding (or None)."""
-        has_norm = self._rescaler.has_qk_norm if self._rescaler is not None else any(
-            layer.q_norm is not None for layer in models.attention_layers(self.model))
-        return invariance_note(self.quant_cfg, self.scale_cfg, has_norm)
+        """Why the applied scale settings cannot change the model beyond rounding (or None)."""
+        r = self.recipe if self.qstate is not None else replace(self.recipe, quant=None)
+        return recipe_mod.invariance_note(r, self.geometry)
 
     def _rebuild_rescaler(self) -> None:
         """Drop the rescaler (leaving unscaled weights behind) and build a fresh one if scales are set."""
-        with self.lock:
-            before = self._variant if self.scales is not None else _base(self._variant)
-            if self._rescaler is not None:
-                self._use(_base(self._variant))
-                self._rescaler = None
-            if self.scales is None:
-                self._variant = _base(self._variant)
-                return
-            self._use("fp")
-            r = Rescaler(self.model, self.bands)
-            self._use("quant")
-            r.attach_quant(self.qstate)
-            r.set_scales(self.scales, self.scale_cfg)
-            self._rescaler = r
-            self._use(before)
+        before = self._variant if self.recipe.scales is not None else _base(self._variant)
+        if self._rescaler is not None:
+            self._put_variant(_base(self._variant))
+            self._rescaler = None
+        if self.recipe.scales is None:
+            self._variant = _base(self._variant)
+            return
+        self._put_variant("fp")
+        r = Rescaler(self.model, self.bands)
+        self._put_variant("quant")
+        r.attach_quant(self.qstate)
+        r.refresh(range(self.bands.n_bands), self.recipe.scales, self.recipe.scale)
+        self._rescaler = r
+        self._version += 1
+        self._put_variant(before)
 
     # ------------------------------------------------------------------ variants
 
-    def _use(self, variant: str) -> None:
+    def _put_variant(self, variant: str) -> None:
         """Put a variant's weights in place: swap full-precision and quantized tensors, then write the q/k rows."""
         if variant not in VARIANTS:
             raise ConfigError(f"Unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
         if variant in SCALED and self._rescaler is None:
-            raise ConfigError(f"Variant {variant!r} needs scales: set them first (set_scales or a scales file).")
+            raise ConfigError(f"Variant {variant!r} needs scales: set them first (a recipe with scales or a scales file).")
         base = _base(variant)
+        r, s, c = self._rescaler, self.recipe.scales, self.recipe.scale
         if base != self._base and self.qstate is not None:
-            if self._rescaler is not None:
-                self._rescaler.write(self._base)  # park unscaled tensors only
+            if r is not None:
+                r.write(self._base, key=self._version)  # park unscaled tensors only
             mods = dict(self.model.named_modules())
             for name, w in self.qstate.originals.items():
                 lin = mods[name]
                 lin.weight.data, self.qstate.originals[name] = w.to(lin.weight.device), lin.weight.data
-            if self._rescaler is not None:
-                self._rescaler.forget_written()
+            if r is not None:
+                r.forget_written()
         self._base = base
-        if self._rescaler is not None:
-            self._rescaler.write(variant)
+        if r is not None:
+            r.write(variant, s, c, key=self._version)
         self._variant = variant
 
     @contextmanager
     def variant(self, name: str):
-        """Temporarily run the model as 'fp', 'quant', 'fp_scaled' or 'scaled'."""
+        """Temporarily run the model as 'fp', 'quant', 'fp_scaled' or 'quant_scaled'."""
         with self.lock:
             before = self._variant
-            self._use(name)
+            self._put_variant(name)
             try:
                 yield self.model
             finally:
-                self._use(before)
+                self._put_variant(before)
 
     def available_variants(self) -> tuple[str, ...]:
         out = ["fp"]
@@ -245,7 +286,7 @@ class Workbench:
         if self._rescaler is not None:
             out.append("fp_scaled")
             if self.qstate is not None:
-                out.append("scaled")
+                out.append("quant_scaled")
         return tuple(out)
 
     # ------------------------------------------------------------------ corpus and perplexity

@@ -24,6 +24,7 @@ from qroar.bands import BandConfig  # noqa: E402
 from qroar.perplexity import EvalConfig, summarize  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
+from qroar.rescale import ScaleConfig  # noqa: E402
 from qroar.search import SearchConfig, search  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
 
@@ -114,8 +115,9 @@ def qroar(wb, a, save=None) -> tuple[dict, str]:
     for bits in _setups(wb, a):
         for mode, order in (c.split("/") for c in a.configs):
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
-                               max_windows_per_doc=a.max_windows, mode=mode, order=order,
-                               heldout_corpus=a.corpus, race=a.race, nested=a.nested)
+                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus,
+                               strategy="race" if a.race else "grid", nested=a.nested, allow_invariant=True)
+            wb.set_scales([1.0] * wb.bands.n_bands, ScaleConfig(mode, order))
             t = time.perf_counter()
             r = search(wb, cfg)
             secs = time.perf_counter() - t
@@ -146,7 +148,7 @@ def _qroar_md(runs, a) -> str:
         cells = [f"{h[('fp', L)]:.2f}" for L in a.lengths]
         cells += [f"{fs[L]:.2f} ({100 * (fs[L] / h[('fp', L)] - 1):+.1f}%)" for L in a.lengths]
         cells += [f"{h[('quant', L)]:.2f}" for L in a.lengths]
-        cells += [f"{h[('scaled', L)]:.2f} ({100 * (h[('scaled', L)] / h[('quant', L)] - 1):+.1f}%)" for L in a.lengths]
+        cells += [f"{h[('quant_scaled', L)]:.2f} ({100 * (h[('quant_scaled', L)] / h[('quant', L)] - 1):+.1f}%)" for L in a.lengths]
         gain = f"{r['gain_pct']:+.2f}%" + (" (invariant: rounding only)" if r["note"] else "")
         md.append(f"| W{r['bits']} | {r['mode']} | {r['order']} | " + " | ".join(cells) + f" | {gain} | "
                   + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
@@ -172,7 +174,7 @@ def race(wb, a) -> tuple[dict, str]:
     md = ["| bits | search | document evaluations | seconds | dev objective change | held-out objective change | scales |",
           "|---|---|---|---|---|---|---|"]
     for r in runs:
-        dev = 100 * (math.exp(r["dev_objective"]["scaled"] - r["dev_objective"]["quant"]) - 1)
+        dev = 100 * (math.exp(r["dev_objective"]["quant_scaled"] - r["dev_objective"]["quant"]) - 1)
         md.append(f"| W{r['bits']} | {'racing' if r['race'] else 'exhaustive'} | {r['doc_evaluations']} | {r['seconds']:.0f} | "
                   f"{dev:+.3f}% | {r['gain_pct']:+.3f}% | " + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
     return {"runs": runs}, "\n".join(md)

@@ -62,3 +62,14 @@ def record(at: AppTest):
     """This AppTest session's record (settings, jobs) in the process-wide registry."""
     token = at.query_params["s"]
     return state.backend().registry.session(token[0] if isinstance(token, list) else token)
+
+
+def update(rec, settings: dict) -> None:
+    """Put settings on a session record as the widgets would: Recipe paths into its Recipe, the rest as options."""
+    from app.state import RECIPE_HEADS, default_recipe
+
+    for k, v in settings.items():
+        if k.split(".", 1)[0] in RECIPE_HEADS:
+            rec.recipe = (rec.recipe or default_recipe()).set(k, v)
+        else:
+            rec.settings[k] = v

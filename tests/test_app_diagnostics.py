@@ -1,5 +1,8 @@
 """The diagnostics page driven headless (AppTest) on a tiny random Llama, and its chart builders on real tables."""
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -31,9 +34,12 @@ def test_chart_builders_on_real_tables(tables):
     h = dc.ip_heatmap(t["ip"], s["trained_context"])
     assert h.data[0].z.shape == (4, 5) and "64 (trained)" in list(h.data[0].x)
     tir = dc.tir_heatmaps(t["tir"], "W")
-    assert len(tir.data) == 6 and [d.zmid for d in tir.data] == [1, 1, 0] * 2
+    maps = [d for d in tir.data if d.type == "heatmap"]
+    assert len(maps) == 6 and [d.zmid for d in maps] == [0, 0, 0] * 2  # ratios in log: centred at log 1 = 0
     diff = t["tir"][(t["tir"].kind == "W") & (t["tir"].proj == "k")].pivot_table(index=["layer", "band"], columns="variant", values="tir")
-    assert tir.data[5].z.flatten().tolist() == pytest.approx((diff["quant"] - diff["fp"]).tolist())
+    assert maps[5].z.flatten().tolist() == pytest.approx((diff["quant"] - diff["fp"]).tolist())
+    assert maps[0].customdata[..., 0].flatten().tolist() == pytest.approx(
+        t["tir"].query("kind == 'W' and proj == 'q' and variant == 'fp'").sort_values(["layer", "band"]).tir.tolist())
     q = dc.quant_error_heatmap(t["quant_error"])
     assert q.data[0].z.max() == pytest.approx(100 * t["quant_error"].query("proj == 'q'").rel_err.max())
     hm = dc.noise_heatmap(t["logit_noise_pooled"], "accumulated")
@@ -48,8 +54,69 @@ def test_tir_colour_scale_is_centred_at_one_and_symmetric_in_log():
     rows = [dict(kind="W", variant=v, layer=0, proj=p, band=b, tir=x)
             for v, x in (("fp", 2.0), ("quant", 0.8)) for p in ("q", "k") for b in (0, 1)]
     fig = dc.tir_heatmaps(pd.DataFrame(rows))
-    assert fig.data[0].zmin == pytest.approx(0.5) and fig.data[0].zmax == pytest.approx(2.0)
+    assert fig.data[0].zmin == pytest.approx(-math.log(2)) and fig.data[0].zmax == pytest.approx(math.log(2))
+    assert fig.data[0].colorbar.ticktext[:3] == ("0.5", "0.67", "0.8")
     assert fig.data[2].zmin == pytest.approx(-1.2) and fig.data[2].zmax == pytest.approx(1.2)
+
+
+def _tir_rows(values, docs=None):
+    """TIR rows of one layer, 4 bands, q and k, fp and quant; values per band, docs: per-document TIRs per band."""
+    return pd.DataFrame([dict(kind="W", variant=v, layer=0, proj=p, band=b, tir=x + (0.01 if v == "quant" else 0),
+                              n_short=4096 * 48 if p == "q" else 4096 * 16, tokens_short=4096, tokens_long=4096,
+                              **({} if docs is None else dict(
+                                  docs=len(docs[b]), tir_docs=[d + (0.01 if v == "quant" else 0) for d in docs[b]],
+                                  tir_se_log=float(np.std(np.log(docs[b]), ddof=1) / math.sqrt(len(docs[b])))
+                                  if len(docs[b]) > 1 else float("nan"))))
+                         for v in ("fp", "quant") for p in ("q", "k") for b, x in enumerate(values)])
+
+
+def test_tir_near_one_stays_pale_and_each_heatmap_has_its_own_colour_bar():
+    """0.97-1.04 (sampling noise on 4 x 512 tokens) must not look like deep red and blue."""
+    fig = dc.tir_heatmaps(_tir_rows([0.97, 1.0, 1.02, 1.04]))
+    maps = [d for d in fig.data if d.type == "heatmap"]
+    assert maps[0].zmax == pytest.approx(math.log(dc.TIR_SPAN))
+    assert max(abs(z) for z in maps[0].z.flatten()) / maps[0].zmax < 0.2  # within a fifth of the way to full colour
+    assert all(m.showscale is not False for m in maps)
+    bars = {(round(m.colorbar.x, 3), round(m.colorbar.y, 3)) for m in maps}
+    assert len(bars) == 6  # one bar beside each heatmap
+    assert {m.colorscale for m in maps[:2]} != {maps[2].colorscale}  # differences: another palette
+    assert maps[2].colorbar.title.text == "quant - fp" and maps[0].colorbar.title.text == "TIR"
+
+
+def test_tir_cells_within_sampling_noise_carry_a_dot():
+    # band 0: documents agree on 1.5 (real inflation); bands 1-3: documents scatter around 1 (noise)
+    docs = [[1.5, 1.49, 1.51, 1.5], [0.9, 1.1, 1.05, 0.97], [0.95, 1.08, 1.0, 1.02], [1.1, 0.9, 1.0, 1.05]]
+    t = _tir_rows([1.5, 1.0, 1.02, 1.04], docs)
+    fig = dc.tir_heatmaps(t)
+    dots = [d for d in fig.data if d.type == "scatter" and d.legendgroup == "noise"]
+    ratio_dots = [d for d in dots if d.xaxis in ("x", "x2")]  # q: full precision, quantized
+    assert [list(d.x) for d in ratio_dots] == [["b1", "b2", "b3"]] * 2
+    assert sum(d.showlegend for d in dots) == 1
+    iv = dg.tir_intervals(t).query("variant == 'fp' and proj == 'q'").set_index("band")
+    assert iv.tir_lo[0] > 1 and iv.tir_lo[1] < 1 < iv.tir_hi[1] and iv.within_noise.tolist() == [False, True, True, True]
+    # the difference quant - fp is 0.01 in every document: no noise at all, so no dot
+    assert not any(d.xaxis == "x3" for d in dots)
+    note = dc.tir_sampling_note(t, "W", 1e-3)
+    assert "4,096 short and 4,096 long tokens from 4 documents" in note and "12 of 16 ratio cells" in note
+    assert "197th (q) / 66th (k)" in note
+    one = dc.tir_sampling_note(_tir_rows([1.0] * 4, [[1.0]] * 4), "W")
+    assert "One document gives no estimate of sampling noise" in one
+
+
+def test_noise_lines_give_every_band_its_own_hue_and_bands_axis_covers_s():
+    rows = [dict(mode="isolated", band=b, bucket_lo=lo, bucket_hi=2 * lo - 1, rel_err=0.01 * (b + 1))
+            for b in range(8) for lo in (1, 2, 4)]
+    fig = dc.noise_lines(pd.DataFrame(rows))
+    colours = [d.line.color for d in fig.data]
+    assert len(set(colours)) == 8
+    rgb = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in colours]
+    close = min(sum((a - b) ** 2 for a, b in zip(rgb[i], rgb[j])) ** 0.5 for i in range(8) for j in range(i + 1, 8))
+    assert close > 60  # b3 and b4 were two greens ~25 apart
+    pairs = pd.DataFrame(dict(j=range(4), band=[0, 0, 1, 1], s=[1.0, 1.0, 3.0, 8.0], wavelength=[6.0, 20, 200, 2000],
+                              wavelength_after=[6.0, 20, 600, 16000]))
+    bands = dc.bands_figure(pairs, 256)
+    assert bands.layout.yaxis2.range[0] == 0 and bands.layout.yaxis2.range[1] >= 8.0
+    assert bands.layout.yaxis2.tickmode == "auto"
 
 
 # ----------------------------------------------------------------------------- the page
@@ -69,6 +136,9 @@ def test_diagnostics_page_runs_and_draws_every_chart(tiny_dir):
     ok(at)
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 7  # bands, IP, TIR_W, TIR_A, quant error, noise heatmap, noise lines
+    notes = [c.value for c in at.caption if c.value.startswith("Each cell:")]
+    assert len(notes) == 2 and "64 short and 64 long tokens from 1 document" in notes[0]  # 64 trained, 128 captured
+    assert "One document gives no estimate of sampling noise" in notes[0]
     at.selectbox(key="w:diag.noise_layer").set_value("1").run()
     ok(at)
     assert len(at.get("plotly_chart")) == 7

@@ -7,7 +7,7 @@ import string
 import pytest
 import torch
 
-from apptest import button, finish, go, load, new_app, ok, record, tiny_dir  # noqa: F401
+from apptest import button, finish, go, load, new_app, ok, record, tiny_dir, update  # noqa: F401
 from app import engine, state
 from conftest import tiny_llama
 from qroar.errors import ConfigError, ScalesFileError
@@ -16,7 +16,7 @@ from qroar.errors import ConfigError, ScalesFileError
 def loaded_app(tiny_dir: str, **settings):
     """Setup with the tiny model loaded, lengths 64 and 128 (1x, 2x trained), one window per document."""
     at = load(new_app(), tiny_dir)
-    record(at).settings.update({"eval.lengths": [64, 128], "eval.max_windows": 1, **settings})
+    update(record(at), {"eval.lengths": [64, 128], "eval.max_windows": 1, **settings})
     return at
 
 
@@ -27,7 +27,7 @@ def test_tune_moving_one_slider_redraws_the_scaled_curve_and_symmetric_rtn_warns
     from conftest import TEXT
 
     (tmp_path / "doc.txt").write_text(TEXT * 12)
-    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "corpus.source": "path", "corpus.path": str(tmp_path / "doc.txt")}),
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "corpus.source": "path", "corpus.path": str(tmp_path / "doc.txt")}),
             "tune")
     ok(at)
     assert [s.key for s in at.slider if s.key.startswith("w:qroar.g")] == [f"w:qroar.g{b}" for b in range(4)]
@@ -36,27 +36,27 @@ def test_tune_moving_one_slider_redraws_the_scaled_curve_and_symmetric_rtn_warns
     assert not at.warning  # shared mode under RTN can change the model
     first = at.dataframe[0].value
     assert first["length"].tolist() == [64, 128]
-    assert first["ppl scaled"].tolist() == first["ppl quant"].tolist()  # all scales 1: the quantizer's own rows
+    assert first["ppl quant_scaled"].tolist() == first["ppl quant"].tolist()  # all scales 1: the quantizer's own rows
 
     g0 = at.slider(key="w:qroar.g0")
     assert g0.min < 1 < g0.max  # the window holds 1
     g0.set_value(g0.max).run()
-    assert 1 < record(at).settings["qroar.scales"][0] <= g0.max  # clamped into the window, never past the slider
+    assert 1 < record(at).recipe.scales[0] <= g0.max  # clamped into the window, never past the slider
     finish(at)
     ok(at)
     moved = at.dataframe[0].value
-    assert (moved["ppl scaled"] != moved["ppl quant"]).all()
+    assert (moved["ppl quant_scaled"] != moved["ppl quant"]).all()
     assert moved["ppl quant"].tolist() == first["ppl quant"].tolist()  # PTQ and FP do not depend on the scales
     assert record(at).jobs["tune"].result.reused_base  # ... so the move evaluated only the scaled variant
     assert len(at.get("plotly_chart")) == 2  # curves, scales with windows
 
-    at.radio(key="w:qroar.mode").set_value("symmetric").run()
+    at.radio(key="w:scale.mode").set_value("symmetric").run()
     ok(at)
     texts = [w.value for w in at.warning]
     assert any("cannot change the quantized model beyond rounding" in t and "rtn w4" in t for t in texts)
 
     button(at, "Reset scales to 1").click().run()
-    assert record(at).settings["qroar.scales"] is None
+    assert record(at).recipe.scales is None
     assert at.slider(key="w:qroar.g0").value == 1.0
     finish(at)
 
@@ -69,7 +69,7 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
 
     (tmp_path / "dev.txt").write_text(TEXT * 12)
     (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
-    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.auto_run": False, "search.dev": str(tmp_path / "dev.txt"),
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(tmp_path / "dev.txt"),
                                     "search.heldout": str(tmp_path / "heldout.txt")}), "search")
     ok(at)
     at.slider(key="w:search.n_candidates").set_value(5).run()
@@ -81,8 +81,8 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
     assert not at.error, [e.value for e in at.error]
     table = at.dataframe[0].value
     assert table["length"].tolist() == [64, 128]
-    assert {"ppl fp", "ppl quant", "ppl scaled", "scaled vs PTQ %"} <= set(table.columns)
-    assert (table[["ppl fp", "ppl quant", "ppl scaled"]] > 1).all().all()
+    assert {"ppl fp", "ppl quant", "ppl quant_scaled", "scaled vs PTQ %"} <= set(table.columns)
+    assert (table[["ppl fp", "ppl quant", "ppl quant_scaled"]] > 1).all().all()
 
     r = record(at).jobs["search"].result
     assert len(r.history) == 4 * 4  # 4 bands x (5 candidates - the 1 already in place), one sweep
@@ -91,14 +91,14 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
         assert w.g_min - 1e-12 <= row.g <= w.g_max + 1e-12
     for b, g in enumerate(r.scales):  # a chosen scale is 1 or a tried candidate that passed the guard
         assert g == 1.0 or ((r.history.band == b) & (r.history.g == g) & r.history.guard_ok).any()
-    expected = 100 * (table["ppl scaled"] / table["ppl quant"] - 1)
+    expected = 100 * (table["ppl quant_scaled"] / table["ppl quant"] - 1)
     assert table["scaled vs PTQ %"].tolist() == pytest.approx(expected.tolist())
     assert len(at.get("plotly_chart")) == 2  # chosen scales, trace
 
     button(at, "Use these scales on Tune").click().run()
     ok(at)
     assert at.title[0].value == "Tune"
-    assert record(at).settings["qroar.scales"] == r.scales
+    assert list(record(at).recipe.scales) == r.scales
     assert [at.slider(key=f"w:qroar.g{b}").value for b in range(4)] == pytest.approx(r.scales, abs=1e-3)
 
 
@@ -112,13 +112,13 @@ def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path
     for i in range(3):
         (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
     (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
-    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
                                     "search.heldout": str(tmp_path / "heldout.txt")}), "search")
     ok(at)
     at.slider(key="w:search.n_candidates").set_value(5).run()
     at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
     at.number_input(key="w:search.max_windows").set_value(1).run()
-    at.toggle(key="w:search.race").set_value(True).run()
+    at.radio(key="w:search.strategy").set_value("race").run()
     at.toggle(key="w:search.nested").set_value(True).run()
     button(at, "Start search").click().run()
     finish(at)
@@ -141,7 +141,7 @@ def test_export_previews_the_current_scales_downloads_and_folds_them_into_a_chec
     from qroar import bands
 
     scales = [1.1, 1.0, 0.95, 1.0]
-    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.scales": scales, "export.folder": str(tmp_path / "out")}),
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "scales": scales, "export.folder": str(tmp_path / "out")}),
             "export")
     ok(at)
     finish(at)
@@ -181,22 +181,22 @@ def test_export_previews_the_current_scales_downloads_and_folds_them_into_a_chec
 
 
 def test_importing_a_scales_file_sets_the_session_and_a_malformed_one_shows_an_error(tiny_dir):
-    at = go(loaded_app(tiny_dir, **{"qroar.n_bands": 4, "qroar.scales": [1.05, 1.0, 1.0, 0.9]}), "export")
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "scales": [1.05, 1.0, 1.0, 0.9]}), "export")
     finish(at)
     good = json.loads(at.json[0].value) if isinstance(at.json[0].value, str) else at.json[0].value
-    record(at).settings.update({"qroar.scales": None, "qroar.n_bands": 8, "pi.factor": 2.0})
+    update(record(at), {"scales": None, "bands.n_bands": 8, "pi.factor": 2.0})
     at.run()
     at.file_uploader[0].set_value(("bad.json", b'{"schema_version": 1, "scales": [1.0, ', "application/json")).run()
     ok(at)
     errors = [e.value for e in at.error]
     assert any("bad.json" in e and "truncated" in e for e in errors), errors
     assert not any("/tmp" in e or "upload.json" in e for e in errors)  # the upload's name, not a temporary path
-    assert record(at).settings["qroar.n_bands"] == 8  # nothing changed
+    assert record(at).recipe.bands.n_bands == 8  # nothing changed
 
     at.file_uploader[0].set_value(("mine.json", json.dumps(good).encode(), "application/json")).run()
     ok(at)
-    s = record(at).settings
-    assert s["qroar.scales"] == [1.05, 1.0, 1.0, 0.9] and s["qroar.n_bands"] == 4 and s["pi.factor"] == 8.0
+    r = record(at).recipe
+    assert r.scales == (1.05, 1.0, 1.0, 0.9) and r.bands.n_bands == 4 and r.pi.factor == 8.0
     assert any("Imported **mine.json**" in m.value for m in at.success)
     finish(at)
     ok(at)
@@ -236,19 +236,7 @@ def test_export_folder_that_holds_other_files_is_refused(tmp_path):
     assert engine.check_export_folder(str(tmp_path / "again")) == (tmp_path / "again").resolve()
 
 
-def test_tuning_from_settings_drops_stale_edges_and_scales():
-    settings = dict(state.DEFAULTS, **{"qroar.n_bands": 4, "qroar.scales": [1.1, 1.0, 1.0, 0.9],
-                                       "qroar.edges": {"n_bands": 4, "align": "log", "edges": [0, 1, 3, 5, 8]}})
-    t = engine.tuning_from_settings(settings.get, 8)
-    assert t.scales == (1.1, 1.0, 1.0, 0.9) and t.edges == (0, 1, 3, 5, 8) and t.scale.mode == "shared"
-    settings["qroar.n_bands"] = 6
-    t = engine.tuning_from_settings(settings.get, 8)
-    assert t.scales == (1.0,) * 6 and t.edges is None
-    settings.update({"qroar.n_bands": 16})
-    assert engine.tuning_from_settings(settings.get, 8).bands.n_bands == 8  # never more bands than pairs
-
-
-def test_use_tuning_moves_only_the_changed_band(tiny_dir):
+def test_apply_moves_only_the_changed_band(tiny_dir):
     from qroar import models
     from qroar.bands import BandConfig, proj_rows
     from qroar.quant import QuantConfig
@@ -256,12 +244,15 @@ def test_use_tuning_moves_only_the_changed_band(tiny_dir):
     from qroar.workbench import Workbench
 
     wb = Workbench(models.load_model(tiny_dir, device="cpu"))
+    from qroar.recipe import Recipe
+
     wb.set_quant(QuantConfig(method="rtn", bits=4, group_size=16))
-    t = engine.Tuning(BandConfig(4), ScaleConfig(), (1.0, 1.0, 1.0, 1.0))
-    engine.use_tuning(wb, t)
+    t = Recipe(quant=QuantConfig(method="rtn", bits=4, group_size=16), bands=BandConfig(4), scale=ScaleConfig(),
+               scales=(1.0, 1.0, 1.0, 1.0))
+    wb.apply(t)
     before = {n: p.detach().clone() for n, p in wb.model.named_parameters()}  # the quantized weights
-    engine.use_tuning(wb, engine.Tuning(BandConfig(4), ScaleConfig(), (1.0, 1.2, 1.0, 1.0)))
-    with wb.variant("scaled") as m:
+    wb.apply(t.with_scales((1.0, 1.2, 1.0, 1.0)))
+    with wb.variant("quant_scaled") as m:
         q = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
     rows = set(proj_rows(range(wb.bands.edges[1], wb.bands.edges[2]), 16, 16, 4).tolist())
     changed = {int(i) for i in (q != before["model.layers.0.self_attn.q_proj.weight"]).any(dim=1).nonzero()}
@@ -275,6 +266,7 @@ def test_tune_job_control_adds_fp_plus_scales_and_keeps_it_apart_from_ptq_plus_s
     from qroar.bands import BandConfig
     from qroar.perplexity import EvalConfig
     from qroar.quant import QuantConfig
+    from qroar.recipe import Recipe
     from qroar.rescale import ScaleConfig
     from qroar.rope import PIConfig
 
@@ -282,15 +274,16 @@ def test_tune_job_control_adds_fp_plus_scales_and_keeps_it_apart_from_ptq_plus_s
     (tmp_path / "doc.txt").write_text(text)
     backend = engine.Backend()
     key = engine.ModelKey(tiny_dir, "cpu", "auto", False, False)
-    tuning = engine.Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.3, 1.0, 0.8, 1.0))
-    fn = engine.tune_job(backend, key, PIConfig("linear", 2.0), QuantConfig(method="rtn", bits=3, group_size=16),
-                         str(tmp_path / "doc.txt"), EvalConfig(lengths=(64, 128), max_windows_per_doc=1), tuning, control=True)
+    recipe = Recipe(pi=PIConfig("linear", 2.0), quant=QuantConfig(method="rtn", bits=3, group_size=16), bands=BandConfig(4),
+                    scale=ScaleConfig("shared", "before"), scales=(1.3, 1.0, 0.8, 1.0))
+    fn = engine.tune_job(backend, key, recipe, str(tmp_path / "doc.txt"), EvalConfig(lengths=(64, 128), max_windows_per_doc=1),
+                         control=True)
     res = fn(lambda f, m: None, threading.Event())
     ppl = res.summary.set_index(["variant", "length"])["ppl"]
-    assert set(res.summary["variant"]) == {"fp", "quant", "scaled", "fp_scaled"}
+    assert set(res.summary["variant"]) == {"fp", "quant", "quant_scaled", "fp_scaled"}
     for n in (64, 128):  # shared scales move both curves away from their unscaled ones, independently
-        assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("scaled", n)] != ppl[("quant", n)]
-        assert ppl[("fp_scaled", n)] != ppl[("scaled", n)]
+        assert ppl[("fp_scaled", n)] != ppl[("fp", n)] and ppl[("quant_scaled", n)] != ppl[("quant", n)]
+        assert ppl[("fp_scaled", n)] != ppl[("quant_scaled", n)]
 
 
 def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path):
@@ -299,6 +292,7 @@ def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path
     from qroar.bands import BandConfig
     from qroar.perplexity import EvalConfig
     from qroar.quant import QuantConfig
+    from qroar.recipe import Recipe
     from qroar.rescale import ScaleConfig
     from qroar.rope import PIConfig
 
@@ -308,9 +302,10 @@ def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path
         (folder / f"d{i}.txt").write_text("".join(string.ascii_letters[(k * (i + 3)) % 52] for k in range(300)))
     backend = engine.Backend()
     key = engine.ModelKey(tiny_dir, "cpu", "auto", False, False)
-    tuning = engine.Tuning(BandConfig(4), ScaleConfig("shared", "before"), (1.2, 1.0, 1.0, 1.0))
-    run = lambda n: engine.tune_job(backend, key, PIConfig(), QuantConfig(method="rtn", bits=4, group_size=16), str(folder),
-                                    EvalConfig(lengths=(64,), max_windows_per_doc=1), tuning, max_docs=n)(lambda f, m: None, threading.Event())
+    recipe = Recipe(quant=QuantConfig(method="rtn", bits=4, group_size=16), bands=BandConfig(4),
+                    scale=ScaleConfig("shared", "before"), scales=(1.2, 1.0, 1.0, 1.0))
+    run = lambda n: engine.tune_job(backend, key, recipe, str(folder), EvalConfig(lengths=(64,), max_windows_per_doc=1),
+                                    max_docs=n)(lambda f, m: None, threading.Event())
     one, every = run(1), run(0)
     assert one.table["doc"].nunique() == 1 and every.table["doc"].nunique() == 3
     first = every.table[every.table["doc"] == one.table["doc"].iloc[0]].set_index("variant")["nll"]

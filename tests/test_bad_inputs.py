@@ -72,7 +72,7 @@ def model_hash(wb: Workbench) -> str:
 
 def probe(wb: Workbench) -> list[float]:
     """The workbench still computes: per-document nll of the scaled (or quantized) model."""
-    variant = "scaled" if "scaled" in wb.available_variants() else "quant"
+    variant = "quant_scaled" if "quant_scaled" in wb.available_variants() else "quant"
     return wb.evaluate(PROBE_DOCS, PROBE_EVAL, variant).table.nll.tolist()
 
 
@@ -238,12 +238,12 @@ def low_memory(c: Ctx):
     """Only 1 MiB free: a 4096-token window of the tiny model needs about 10 MiB of activations."""
     c.monkeypatch.setattr(perplexity, "available_memory", lambda device: 2**20)
     doc = torch.randint(3, 128, (5000,), generator=torch.Generator().manual_seed(0))
-    return lambda: c.wb.evaluate([doc], EvalConfig(lengths=(4096,)), "scaled")
+    return lambda: c.wb.evaluate([doc], EvalConfig(lengths=(4096,)), "quant_scaled")
 
 
 def evaluate_text(c: Ctx, text: str, lengths):
     p = write(c, "doc.txt", text)
-    return lambda: c.wb.evaluate(str(p), EvalConfig(lengths=lengths), "scaled")
+    return lambda: c.wb.evaluate(str(p), EvalConfig(lengths=lengths), "quant_scaled")
 
 
 def after_dynamic(c: Ctx, bad: PIConfig):
@@ -529,7 +529,7 @@ def test_random_scales_rescale_to_a_finite_model_or_raise_a_documented_error(sca
         assert model_hash(scale_wb) == before  # a refused scale leaves the weights as they were
         return
     try:
-        table = scale_wb.evaluate(PROBE_DOCS, EvalConfig(lengths=(32,), max_windows_per_doc=1), "scaled").table
+        table = scale_wb.evaluate(PROBE_DOCS, EvalConfig(lengths=(32,), max_windows_per_doc=1), "quant_scaled").table
         assert table.nll.map(math.isfinite).all()
     except ConfigError as e:  # scales so far from 1 that the logits overflow fp32: said so, never a NaN
         assert "not finite" in str(e)

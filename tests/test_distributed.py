@@ -19,7 +19,7 @@ from qroar.search import SearchConfig, search
 from qroar.workbench import Workbench
 
 EVAL = EvalConfig(lengths=(32, 96), max_windows_per_doc=1)
-VARIANTS = ("fp", "quant", "fp_scaled", "scaled")
+VARIANTS = ("fp", "quant", "fp_scaled", "quant_scaled")
 WINDOWS = [(1.0, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.0)]  # one band searched: 4 candidates, 2 per process
 
 

@@ -38,7 +38,7 @@ def saved(wb, tmp_path):
 
 def test_scales_file_round_trip(wb, saved):
     d = json.loads(saved.read_text())
-    assert d["schema_version"] == 1 and d["model"]["fingerprint"] == wb.info.fingerprint
+    assert d["schema_version"] == 2 and d["model"]["fingerprint"] == wb.info.fingerprint
     assert d["rope"]["rope_parameters"]["rope_type"] == "linear" and d["bands"]["edges"] == [0, 2, 4, 6, 8]
     for key in ("created_at", "qroar_version", "objective", "dev", "heldout", "quant", "mode", "order"):
         assert key in d
@@ -49,11 +49,11 @@ def test_scales_file_round_trip(wb, saved):
 
 def test_apply_scales_on_a_fresh_workbench_gives_the_same_model(wb, saved, tmp_path):
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    with wb.variant("scaled"), torch.no_grad():
+    with wb.variant("quant_scaled"), torch.no_grad():
         ref = wb.model(ids).logits
     fresh = Workbench.open(wb.info.source, device="cpu", dtype="fp32")
     apply_scales(fresh, load_scales(saved, fresh))
-    with fresh.variant("scaled"), torch.no_grad():
+    with fresh.variant("quant_scaled"), torch.no_grad():
         assert torch.equal(fresh.model(ids).logits, ref)
 
 
@@ -81,7 +81,7 @@ def _rewrite(path, **changes):
     (lambda p: p.write_text(p.read_text().replace("0.9", "Infinity", 1)), "band 3"),
     (lambda p: _rewrite(p, scales=[1.0, 1.0, 1.0]), "3 scales for 4 bands"),
     (lambda p: _rewrite(p, mode="sideways"), "invalid setting"),
-    (lambda p: _rewrite(p, schema_version=2), "newer qroar.*upgrade"),
+    (lambda p: _rewrite(p, schema_version=3), "newer qroar.*upgrade"),
 ])
 def test_bad_scales_files_raise_clear_errors(saved, edit, match):
     edit(saved)
@@ -111,7 +111,7 @@ def test_save_is_atomic(wb, saved, monkeypatch):
     assert saved.read_text() == before and sorted(p.name for p in saved.parent.iterdir() if p.suffix == ".tmp") == []
 
 
-@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "scaled")])
+@pytest.mark.parametrize("quantized,variant", [(False, "fp_scaled"), (True, "quant_scaled")])
 def test_exported_checkpoint_reloads_with_the_same_perplexity(wb, tmp_path, quantized, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,7 +130,8 @@ def test_exported_checkpoint_reloads_with_the_same_perplexity(wb, tmp_path, quan
     assert (got.nll - unscaled.nll).abs().max() > 1e-4  # the scales really are folded in
     meta = json.loads((out / "qroar_scales.json").read_text())
     files = sorted(p.name for p in out.iterdir())
-    assert meta["scales"] == SCALES and meta["export"] == {"variant": variant, "quantized": quantized, "files": files}
+    fmt = "fake-quant" if quantized else "hf"
+    assert meta["scales"] == SCALES and meta["export"] == {"format": fmt, "variant": variant, "quantized": quantized, "files": files}
 
 
 def test_quantized_export_needs_a_quantizer(wb, tmp_path):
@@ -140,7 +141,7 @@ def test_quantized_export_needs_a_quantizer(wb, tmp_path):
     with pytest.raises(ConfigError, match="quantizer"):
         export_checkpoint(wb, tmp_path / "x", quantized=True)
     assert not (tmp_path / "x").exists()
-    assert export.SCHEMA_VERSION == 1
+    assert export.SCHEMA_VERSION == 2
 
 
 # ----------------------------------------------------------------------------- replacing an earlier export
@@ -257,6 +258,53 @@ def test_an_old_export_parked_by_a_killed_swap_is_put_back_not_replaced(wb, tmp_
         export_checkpoint(wb, out)
     export_checkpoint(wb, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["export", "m"]
+
+
+@pytest.mark.parametrize("fmt", list(export.FORMATS))
+def test_every_format_replaces_an_earlier_export_only_with_overwrite(wb, tmp_path, fmt):
+    from qroar.errors import ConfigError
+
+    out = export.export(wb, fmt, tmp_path / "out")
+    before = snapshot(out) if out.is_dir() else out.read_bytes()
+    wb.set_scales([1.5, 1.5, 1.5, 1.5])
+    with pytest.raises(ConfigError, match="overwrite"):
+        export.export(wb, fmt, out)
+    assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
+    assert export.export(wb, fmt, out, overwrite=True) == out
+    record = json.loads((out / "qroar_scales.json" if out.is_dir() else out).read_text())
+    assert record["scales"] == [1.5] * 4 and sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    if out.is_dir():
+        assert record["export"]["format"] == fmt and sorted(record["export"]["files"]) == sorted(p.name for p in out.iterdir())
+
+
+def test_a_new_format_gets_the_record_and_the_overwrite_rule_from_the_registry(wb, tmp_path, monkeypatch):
+    from qroar.errors import ConfigError
+
+    def write_notes(wb, folder, result=None, meta=None):
+        (folder / "scales.txt").write_text(" ".join(f"{float(g):.3f}" for g in wb.scales))
+        return {"scales": [float(g) for g in wb.scales]}
+
+    monkeypatch.setitem(export.FORMATS, "notes", export.ExportFormat(write_notes, "scales as text"))
+    out = export.export(wb, "notes", tmp_path / "notes")
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="earlier qroar export"):
+        export.export(wb, "notes", out)
+    export.export(wb, "notes", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "qroar_scales.json", "scales.txt"]
+    assert json.loads((out / "qroar_scales.json").read_text())["export"]["files"] == ["qroar_scales.json", "scales.txt"]
+
+
+def test_export_scales_format_from_the_cli_refuses_an_existing_file_without_overwrite(saved, tmp_path, capsys):
+    from qroar.cli import main
+
+    out = tmp_path / "copy.json"
+    out.write_text("mine")
+    assert main(["export", str(saved), "--format", "scales", "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "mine"
+    assert main(["export", str(saved), "--format", "scales", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["export", str(saved), "--format", "scales", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert json.loads(out.read_text())["scales"] == SCALES
 
 
 # ----------------------------------------------------------------------------- file modes

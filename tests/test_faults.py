@@ -34,6 +34,7 @@ from qroar.errors import OutOfMemory  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
 from qroar.rescale import ScaleConfig  # noqa: E402
+from qroar.recipe import Recipe  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
 
@@ -94,27 +95,27 @@ def hooks_on(model) -> int:
 
 
 def test_oom_in_evaluation_frees_memory_says_what_fits_and_the_next_run_works(wb):
-    ref = wb.evaluate(DOCS, EVAL, "scaled").table
+    ref = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     before, variant, hooks = model_hash(wb), wb._variant, hooks_on(wb.model)
     fault = OOMHook(wb.model.model.layers[1].self_attn.k_proj, lambda out: out.shape[1] == 64)
     with pytest.raises(OutOfMemory, match=r"Out of memory at length 64 with batch 1; memory was freed: "
                                           r"try a length of at most about (\d+) tokens") as caught:
-        wb.evaluate(DOCS, EVAL, "scaled")
+        wb.evaluate(DOCS, EVAL, "quant_scaled")
     assert fault.freed() and caught.value.__context__ is None  # the error holds no tensor of the failed step
     fault.remove()
     assert model_hash(wb) == before and wb._variant == variant and hooks_on(wb.model) == hooks
     fit = int(re.search(r"at most about (\d+) tokens", str(caught.value)).group(1))
     assert 2 <= fit < 64
-    assert not wb.evaluate(DOCS, EvalConfig(lengths=(fit,), max_windows_per_doc=1), "scaled").table.empty
-    again = wb.evaluate(DOCS, EVAL, "scaled").table
+    assert not wb.evaluate(DOCS, EvalConfig(lengths=(fit,), max_windows_per_doc=1), "quant_scaled").table.empty
+    again = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     assert again.nll.tolist() == ref.nll.tolist()
 
 
 def test_oom_with_automatic_batch_halves_the_batch_and_gives_the_same_numbers(wb, monkeypatch):
-    ref = wb.evaluate(DOCS, EVAL, "scaled").table
+    ref = wb.evaluate(DOCS, EVAL, "quant_scaled").table
     monkeypatch.setattr(perplexity, "auto_batch_size", lambda model, length, n, chunk=1024: min(4, n))
     fault = OOMHook(wb.model.model.layers[0].self_attn.q_proj, lambda out: out.shape[0] > 2, times=1)
-    got = wb.evaluate(DOCS, EvalConfig(lengths=(32, 64), max_windows_per_doc=2), "scaled").table
+    got = wb.evaluate(DOCS, EvalConfig(lengths=(32, 64), max_windows_per_doc=2), "quant_scaled").table
     fault.remove()
     assert (4, 32, 64) in fault.seen and (2, 32, 64) in fault.seen  # tried 4 windows at once, then 2
     torch.testing.assert_close(torch.tensor(got.nll.tolist()), torch.tensor(ref.nll.tolist()), rtol=1e-5, atol=1e-4)
@@ -148,13 +149,13 @@ def test_oom_during_quantization_restores_full_precision(model_dir, monkeypatch)
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return quant.fake_quant(w, cfg)
 
-    monkeypatch.setitem(quant.QUANTIZERS, "rtn", failing)
+    monkeypatch.setitem(quant.QUANTIZERS, "rtn", quant.Quantizer(failing))
     with pytest.raises(OutOfMemory, match=r"ran out of GPU memory; the model was restored"):
         wb.set_quant(RTN)
     assert model_hash(wb) == before and wb.qstate is None and wb.available_variants() == ("fp", "fp_scaled")
     monkeypatch.undo()
     wb.set_quant(RTN)  # the next run works
-    assert wb.available_variants() == ("fp", "quant", "fp_scaled", "scaled")
+    assert wb.available_variants() == ("fp", "quant", "fp_scaled", "quant_scaled")
 
 
 def test_oom_inside_an_app_job_is_a_message_and_the_next_job_works(model_dir):
@@ -163,11 +164,11 @@ def test_oom_inside_an_app_job_is_a_message_and_the_next_job_works(model_dir):
     key, pi = ModelKey(model_dir, "cpu", "fp32"), PIConfig("linear", 2.0)
     fault = OOMHook(wb.model.model.layers[0].self_attn.q_proj, lambda out: out.shape[1] == 64)
     rec = backend.registry.session("tab")
-    job = backend.submit(rec, "perplexity", perplexity_job(backend, key, pi, RTN, DOCS, EVAL))
+    job = backend.submit(rec, "perplexity", perplexity_job(backend, key, Recipe(pi=pi, quant=RTN), DOCS, EVAL))
     backend.queue.wait(job.id, 60)
     assert job.status == FAILED and "Out of memory at length 64" in job.error and "try a length" in job.error
     fault.remove()
-    ok = backend.submit(rec, "perplexity", perplexity_job(backend, key, pi, RTN, DOCS, EVAL))
+    ok = backend.submit(rec, "perplexity", perplexity_job(backend, key, Recipe(pi=pi, quant=RTN), DOCS, EVAL))
     backend.queue.wait(ok.id, 60)
     assert ok.status == DONE and set(ok.result.summary.length) == {32, 64}
     assert backend.result(rec, "perplexity") is ok

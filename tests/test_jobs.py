@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine import (  # noqa: E402
-    Backend, Entry, ModelCache, ModelKey, Registry, apply_settings, default_group_size, group_size_options,
+    Backend, LoadedModel, ModelCache, ModelKey, Sessions, default_group_size, group_size_options,
 )
 from app.jobs import CANCELLED, DONE, FAILED, JobQueue, format_seconds  # noqa: E402
 from qroar.errors import Cancelled, ConfigError  # noqa: E402
@@ -158,7 +158,7 @@ def test_session_record_survives_and_keeps_the_last_job_of_each_kind():
     j = backend.submit(rec, "perplexity", lambda p, c: 2)
     backend.queue.wait_idle(5)
     assert rec.jobs["perplexity"] is j and j.result == 2 and j.owner == "tok"
-    assert Registry.new_token() != Registry.new_token()
+    assert Sessions.new_token() != Sessions.new_token()
     backend.submit(rec, "perplexity", lambda p, c: (_ for _ in ()).throw(ConfigError("no lengths")))
     backend.queue.wait_idle(5)
     assert rec.jobs["perplexity"].status == FAILED
@@ -180,40 +180,17 @@ def test_model_cache_loads_once_per_key_and_evicts_the_oldest():
     assert ModelKey.from_dict(a.to_dict()) == a
 
 
-class FakeWorkbench:
-    """Records set_pi/set_quant calls the way the Workbench applies them."""
-
-    def __init__(self):
-        from qroar.rope import PIConfig
-
-        self.pi, self.qstate, self.calls = PIConfig(), None, []
-
-    def set_pi(self, pi):
-        self.pi = pi
-        self.calls.append("pi")
-
-    def set_quant(self, cfg, calib_corpus=None, progress=None, cancel=None):
-        self.qstate = None if cfg is None else object()
-        self.calls.append("quant" if cfg is not None else "restore")
-
-
-def test_apply_settings_requantizes_only_when_the_quantized_state_depends_on_what_changed():
+def test_quantized_state_depends_on_the_pi_only_for_calibrated_methods():
     from qroar.quant import QuantConfig
+    from qroar.recipe import Recipe
     from qroar.rope import PIConfig
 
-    e = Entry(FakeWorkbench())
     rtn, yarn4, yarn8 = QuantConfig("rtn", 4, 64), PIConfig("yarn", 4.0), PIConfig("yarn", 8.0)
-    apply_settings(e, yarn4, rtn, "embedded:dev", None, None)
-    apply_settings(e, yarn4, rtn, "embedded:dev", None, None)
-    assert e.wb.calls == ["pi", "quant"]
-    apply_settings(e, yarn8, rtn, "embedded:dev", None, None)  # RTN ignores PI: no re-quantization
-    assert e.wb.calls == ["pi", "quant", "pi"]
+    assert Recipe(pi=yarn4, quant=rtn).quant_key() == Recipe(pi=yarn8, quant=rtn).quant_key()  # RTN ignores PI
     gptq = QuantConfig("gptq", 4, 64)
-    apply_settings(e, yarn8, gptq, "embedded:dev", None, None)
-    apply_settings(e, yarn4, gptq, "embedded:dev", None, None)  # GPTQ calibrates under PI: re-quantize
-    assert e.wb.calls == ["pi", "quant", "pi", "quant", "pi", "quant"]
-    apply_settings(e, yarn4, QuantConfig("none"), "embedded:dev", None, None)
-    assert e.wb.calls[-1] == "restore" and e.wb.qstate is None and e.quant_key is None
+    assert Recipe(pi=yarn4, quant=gptq).quant_key() != Recipe(pi=yarn8, quant=gptq).quant_key()  # GPTQ calibrates under PI
+    assert Recipe(pi=yarn4, quant=gptq).quant_key() != Recipe(pi=yarn4, quant=gptq, calib="x").quant_key()
+    assert Recipe(quant=QuantConfig("none")).quant_key() is None
 
 
 def test_group_size_options_divide_every_width():

@@ -27,6 +27,7 @@ from app.engine import Backend, ModelCache, ModelKey, perplexity_job  # noqa: E4
 from app.jobs import DONE, JobQueue  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
+from qroar.recipe import Recipe  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 from qroar.workbench import Workbench  # noqa: E402
 
@@ -97,8 +98,9 @@ def test_concurrent_sessions_keep_their_settings_and_results_and_gpu_work_is_ser
         pi, q = SESSIONS[token]
         start.wait()
         for round_ in range(2):
-            rec.settings.update({"pi.factor": pi.factor, "quant.bits": q.bits, "round": round_, "owner": token})
-            fn = counted(perplexity_job(backend, key, pi, q, DOCS, EVAL))
+            rec.recipe = Recipe(pi=pi, quant=q)
+            rec.settings.update({"round": round_, "owner": token})
+            fn = counted(perplexity_job(backend, key, rec.recipe, DOCS, EVAL))
             submitted[token].append(backend.submit(rec, "perplexity", fn, meta={"owner": token}))
             time.sleep(0.001)
 
@@ -114,7 +116,7 @@ def test_concurrent_sessions_keep_their_settings_and_results_and_gpu_work_is_ser
     assert forwards.peak == 1 and forwards.count > 0
     for token, (pi, q) in SESSIONS.items():
         rec = backend.registry.session(token)
-        assert rec.settings == {"pi.factor": pi.factor, "quant.bits": q.bits, "round": 1, "owner": token}
+        assert rec.settings == {"round": 1, "owner": token} and rec.recipe == Recipe(pi=pi, quant=q)
         assert rec.jobs["perplexity"] is submitted[token][-1]
         for job in submitted[token]:
             assert job.status == DONE and job.owner == token, job.error

@@ -13,7 +13,7 @@ from app import qroar_charts as qc  # noqa: E402
 
 
 def summary(scaled=(10.0, 19.0), quant=(10.5, 20.0), fp=(10.0, 18.0), lengths=(256, 1024)):
-    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("scaled", scaled))
+    rows = [dict(variant=v, length=n, ppl=p, tokens=1000) for v, ps in (("fp", fp), ("quant", quant), ("quant_scaled", scaled))
             for n, p in zip(lengths, ps)]
     return pd.DataFrame(rows)
 
@@ -104,3 +104,63 @@ def test_tune_figure_draws_the_fp_plus_scales_control_dashed():
     fig = qc.tune_figure(s, trained_context=256)
     control = next(t for t in fig.data if t.name == "FP + scales (control)")
     assert list(control.y) == [9.5, 17.0] and control.line.dash == "dash"
+
+
+# ----------------------------------------------------------------------------- intervals and the control
+
+
+def tidy(windows=((2.0, 2.2), (2.4, 2.1)), shift=None):
+    """A tidy per-document table (two documents, one length) with each window's sums, 100 tokens a window:
+    variant -> per-window log-ppl offset, so every variant reads the same windows."""
+    shift = shift or {"fp": (0.0, 0.0), "quant": (0.05, 0.04), "quant_scaled": (0.03, 0.03), "fp_scaled": (0.0, -0.01)}
+    rows = []
+    for v, (d0, d1) in shift.items():
+        for doc, ws in enumerate(windows):
+            nll = [100 * (x + (d0 if i == 0 else d1)) for i, x in enumerate(ws)]
+            rows.append(dict(variant=v, doc=doc, length=256, windows=len(ws), tokens=100 * len(ws), nll=sum(nll),
+                             ppl=math.exp(sum(nll) / (100 * len(ws))), window_nll=nll, window_tokens=[100] * len(ws)))
+    return pd.DataFrame(rows)
+
+
+def summary_of(table):
+    from qroar.perplexity import summarize
+
+    return pd.concat([summarize(g).assign(variant=v) for v, g in table.groupby("variant", sort=False)], ignore_index=True)
+
+
+def test_change_table_gives_each_change_a_paired_interval_and_the_control():
+    t = tidy()
+    c = qc.change_table(summary_of(t), t)
+    assert {"ppl fp_scaled", "FP + scales vs FP %", "FP + scales vs FP 95%", "scaled vs PTQ 95%"} <= set(c.columns)
+    assert c["windows"].tolist() == [4]
+    # scaled - quant per window: -0.02, -0.02 (first windows), -0.01, -0.01: a narrow interval below 0
+    lo, hi = (float(x.rstrip("%")) for x in c["scaled vs PTQ 95%"].iloc[0].split(" to "))
+    assert lo < c["scaled vs PTQ %"].iloc[0] < hi < 0
+    assert "FP + scales vs FP" in qc.change_note(c) and "paired on the same windows" in qc.change_note(c)
+    one = tidy(windows=((2.0,),))
+    c1 = qc.change_table(summary_of(one), one)
+    assert c1["scaled vs PTQ 95%"].tolist() == ["none: 1 window"] and "One window per length" in qc.change_note(c1)
+    assert "95%" not in " ".join(qc.change_table(summary_of(t)).columns)  # no per-window table: no intervals
+
+
+def test_tune_figure_draws_the_intervals_and_the_control_in_the_change_panel():
+    t = tidy()
+    fig = qc.tune_figure(summary_of(t), trained_context=256, table=t)
+    band = [d for d in fig.data if d.fill == "tonexty"]
+    assert len(band) == 1 and band[0].name == "PTQ: 95% across windows"
+    change = next(d for d in fig.data if d.name == "change vs PTQ")
+    control = next(d for d in fig.data if d.name == "change vs FP (control)")
+    assert change.yaxis == control.yaxis == "y2" and control.line.dash == "dash"
+    assert change.error_y.array[0] > 0 and control.error_y.array[0] > 0
+    assert "Perplexity" in fig.layout.annotations[0].text and "control" in fig.layout.annotations[1].text
+    quiet = qc.tune_figure(summary_of(tidy(windows=((2.0,),))), 256, table=tidy(windows=((2.0,),)))
+    assert not any(d.fill == "tonexty" for d in quiet.data)
+    assert all(d.error_y.array is None for d in quiet.data)
+
+
+def test_control_change_reads_the_objective_or_weighs_the_held_out_rows():
+    assert qc.control_change({"fp": 2.0, "fp_scaled": 1.99, "quant": 2.1, "quant_scaled": 2.05}, None) == pytest.approx(math.exp(-0.01) - 1)
+    held = pd.DataFrame(dict(variant=["fp", "fp", "fp_scaled", "fp_scaled"], length=[64, 128] * 2,
+                             log_ppl=[2.0, 2.2, 1.9, 2.2]))
+    assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held) == pytest.approx(math.exp(-0.1 * 64 / 192) - 1)
+    assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held.query("variant == 'fp'")) is None

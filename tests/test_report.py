@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app import report  # noqa: E402
-from app.engine import Backend, ModelKey, Tuning, apply_settings, perplexity_job, search_job, tune_job  # noqa: E402
+from app.engine import Backend, ModelKey, perplexity_job, search_job, tune_job  # noqa: E402
 from qroar import cli  # noqa: E402
 from qroar.bands import BandConfig  # noqa: E402
 from qroar.diagnostics import DiagConfig, run_diagnostics  # noqa: E402
 from qroar.errors import ConfigError  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
 from qroar.quant import QuantConfig  # noqa: E402
+from qroar.recipe import Recipe  # noqa: E402
 from qroar.rescale import ScaleConfig  # noqa: E402
 from qroar.rope import PIConfig  # noqa: E402
 from qroar.search import SearchConfig  # noqa: E402
@@ -52,20 +53,18 @@ def session(tmp_path_factory):
     dev, held = _corpus(tmp, "dev", 2), _corpus(tmp, "held", 1)
     backend, key = Backend(), ModelKey(save_tiny(tmp / "model"), "cpu", "fp32")
     go_on, stop = (lambda f, m="": None), threading.Event()
-    tuning = Tuning(BandConfig(4), ScaleConfig("shared", "before"), SCALES)
-    results = {"perplexity": perplexity_job(backend, key, PI, QUANT, held, EVAL, calib=dev)(go_on, stop),
-               "tune": tune_job(backend, key, PI, QUANT, held, EVAL, tuning, calib=dev)(go_on, stop)}
+    recipe = Recipe(pi=PI, quant=QUANT, calib=dev, bands=BandConfig(4), scale=ScaleConfig("shared", "before"), scales=SCALES)
+    results = {"perplexity": perplexity_job(backend, key, recipe, held, EVAL)(go_on, stop),
+               "tune": tune_job(backend, key, recipe, held, EVAL)(go_on, stop)}
     entry = backend.models.get(key)
-    apply_settings(entry, PI, QUANT, dev, None, None)
+    entry.wb.apply(recipe.with_scales(None))
     results["diagnostics"] = run_diagnostics(entry.wb, dev, DiagConfig(bands=BandConfig(4), capture_length=128, n_docs=1,
                                                                        noise_pairs=16))
     windows = pd.DataFrame({"band": range(4), "g_min": [0.9, 0.85, 0.8, 0.8], "g_max": [1.1, 1.2, 1.25, 1.25],
                             "reason": ["given"] * 4})
     search_cfg = SearchConfig(n_candidates=5, lengths=(32,), dev_corpus=dev, heldout_corpus=held, max_windows_per_doc=1)
-    results["search"] = search_job(backend, key, PI, QUANT, tuning, windows, search_cfg, calib=dev)(go_on, stop)
-    settings = report.ReportSettings(model=key.to_dict(), pi=PI.to_dict(), quant=QUANT.to_dict(), corpus=held,
-                                     eval=EVAL.to_dict(), bands={"n_bands": 4, "align": "log"},
-                                     scale={"mode": "shared", "order": "before"}, scales=SCALES,
+    results["search"] = search_job(backend, key, recipe, windows, search_cfg)(go_on, stop)
+    settings = report.ReportSettings(model=key.to_dict(), recipe=recipe.to_dict(), corpus=held, eval=EVAL.to_dict(),
                                      model_info=entry.wb.info.to_dict())
     return results, settings, tmp
 
@@ -94,7 +93,7 @@ def test_report_has_every_section_figure_and_setting(session, html):
         assert value.replace("&", "&amp;") in html
     # the search's held-out table and chosen scales are there, numbers as the result has them
     held = results["search"].heldout
-    ppl = float(held[(held.variant == "scaled") & (held.length == 32)].ppl.iloc[0])
+    ppl = float(held[(held.variant == "quant_scaled") & (held.length == 32)].ppl.iloc[0])
     assert f"{ppl:.4g}" in html
 
 
@@ -118,8 +117,8 @@ def test_commands_parse_back_to_the_session_settings(session):
     results, settings, _ = session
     e = _parse(report.eval_command(settings))
     assert (e.command, e.model, e.device, e.dtype, e.corpus) == ("eval", settings.model["name"], "cpu", "fp32", settings.corpus)
-    assert cli.pi_from_args(e) == PI
-    q = cli.quant_from_args(e, 64)
+    assert Recipe.from_args(e) == Recipe.from_dict(settings.recipe).with_scales(None)
+    q = Recipe.from_args(e).quant
     assert (q.method, q.bits, q.group_size, q.symmetric, q.scope) == ("rtn", 3, 32, False, "linear")
     assert cli.lengths_from_args(e, 64) == (32, 96) and e.max_windows == 1 and e.stride is None
 
@@ -127,11 +126,11 @@ def test_commands_parse_back_to_the_session_settings(session):
     cmd, missing = report.diagnose_command(settings, diag)
     d = _parse(cmd)
     assert (d.bands, d.band_align, d.capture_length, d.n_docs, d.eps) == (4, "log", 128, 1, 1e-3)
-    assert cli.pi_from_args(d) == PI and d.corpus == diag["corpus"]
+    assert Recipe.from_args(d).pi == PI and d.corpus == diag["corpus"]
     assert missing == ["noise_pairs=16"]  # the CLI has no flag for it: the report says so
 
-    s = _parse(report.search_command(settings, results["search"].settings))
-    cfg = results["search"].settings["search"]
+    s = _parse(report.search_command(settings, results["search"]))
+    cfg = results["search"].search_cfg
     assert (s.candidates, s.sweeps, s.guard, s.folds, s.mode, s.order) == (5, 1, 0.005, 0, "shared", "before")
     assert (s.dev_corpus, s.heldout_corpus, s.lengths, s.max_windows) == (cfg["dev_corpus"], cfg["heldout_corpus"], "32", 1)
     assert [tuple(map(float, w.split(":"))) for w in s.windows.split(",")] == [(0.9, 1.1), (0.85, 1.2), (0.8, 1.25), (0.8, 1.25)]
@@ -140,7 +139,7 @@ def test_commands_parse_back_to_the_session_settings(session):
 def test_eval_command_reproduces_the_session_perplexity(session, capsys):
     results, settings, tmp = session
     out = tmp / "reproduced"
-    cmd = report.eval_command(settings, out=str(out)) + f" --quiet --calib {shlex.quote(str(tmp / 'dev'))}"
+    cmd = report.eval_command(settings, out=str(out)) + " --quiet"
     assert cli.main(shlex.split(cmd.replace("\\\n", " "))[1:]) == 0
     again = pd.DataFrame(json.loads((out.with_suffix(".json")).read_text())["summary"])
     app = results["perplexity"].summary
@@ -150,7 +149,7 @@ def test_eval_command_reproduces_the_session_perplexity(session, capsys):
 
 def test_empty_session_report_still_has_settings_and_a_command(session):
     _, settings, _ = session
-    bare = report.ReportSettings.from_dict({**settings.to_dict(), "scales": None})
+    bare = report.ReportSettings.from_dict({**settings.to_dict(), "recipe": {**settings.recipe, "scales": None}})
     parts = report.sections({}, bare)
     assert [p.title for p in parts] == ["Settings", "Reproduce"] and parts[-1].code == (report.eval_command(bare),)
     page = report.build_html(parts)

@@ -163,7 +163,7 @@ def test_symmetric_before_rtn_is_exactly_invariant_for_power_of_two_scales(wb):
     wb.set_quant(RTN)
     ref = _logits(wb, "quant")
     wb.set_scales([0.5, 2.0, 4.0, 0.25], ScaleConfig("symmetric", "before"))
-    assert torch.equal(_logits(wb, "scaled"), ref)
+    assert torch.equal(_logits(wb, "quant_scaled"), ref)
     assert "rounding" in wb.invariance_note()
 
 
@@ -171,11 +171,11 @@ def test_symmetric_before_rtn_changes_only_rounding_for_any_scales(wb):
     wb.set_quant(RTN)
     ref = _logits(wb, "quant")
     wb.set_scales([0.7, 1.3, 1.1, 0.85], ScaleConfig("symmetric", "before"))
-    sym = (_logits(wb, "scaled") - ref).abs().max()
+    sym = (_logits(wb, "quant_scaled") - ref).abs().max()
     assert sym < 1e-5
     # shared mode really changes the model
     wb.set_scales([0.7, 1.3, 1.1, 0.85], ScaleConfig("shared", "before"))
-    shared = (_logits(wb, "scaled") - ref).abs().max()
+    shared = (_logits(wb, "quant_scaled") - ref).abs().max()
     print(f"max |logit change|: symmetric {sym:.2e}, shared {shared:.2e}")
     assert shared > 100 * sym and shared > 1e-3
     assert wb.invariance_note() is None
@@ -185,7 +185,7 @@ def test_symmetric_before_a_per_tensor_grid_is_a_real_change(wb):
     wb.set_quant(QuantConfig(method="rtn", bits=3, group_size=quant.PER_TENSOR))
     ref = _logits(wb, "quant")
     wb.set_scales([0.5, 1.0, 1.0, 1.6], ScaleConfig("symmetric", "before"))
-    assert (_logits(wb, "scaled") - ref).abs().max() > 1e-3
+    assert (_logits(wb, "quant_scaled") - ref).abs().max() > 1e-3
     assert wb.invariance_note() is None
 
 
@@ -212,11 +212,11 @@ def test_set_band_scale_requantizes_only_that_band(wb, monkeypatch):
     wb.set_band_scale(2, 1.5)
     # q and k of 2 layers; band 2 owns 4 dims of each head: 4 q heads -> 16 rows, 2 k heads -> 8 rows
     assert sorted(calls) == sorted([(f"model.layers.{i}.self_attn.{p}_proj", n) for i in range(2) for p, n in (("q", 16), ("k", 8))])
-    got = _logits(wb, "scaled")
+    got = _logits(wb, "quant_scaled")
     monkeypatch.undo()
     wb.set_scales(None)
     wb.set_scales([1.2, 0.8, 1.5, 1.0], ScaleConfig("shared", "before"))  # built from scratch
-    assert torch.equal(_logits(wb, "scaled"), got)
+    assert torch.equal(_logits(wb, "quant_scaled"), got)
 
 
 def test_scaled_rows_before_and_after_quantization(wb):
@@ -229,10 +229,10 @@ def test_scaled_rows_before_and_after_quantization(wb):
     with wb.variant("quant"):
         w_q = lin.weight[rows].clone()
     wb.set_scales([1.37, 1.0, 1.0, 1.0], ScaleConfig("shared", "before"))
-    with wb.variant("scaled"):
+    with wb.variant("quant_scaled"):
         torch.testing.assert_close(lin.weight[rows], quant.fake_quant(1.37 * w_fp, RTN))
     wb.set_scales([1.37, 1.0, 1.0, 1.0], ScaleConfig("shared", "after"))
-    with wb.variant("scaled"):
+    with wb.variant("quant_scaled"):
         torch.testing.assert_close(lin.weight[rows], 1.37 * w_q)
     with wb.variant("fp_scaled"):
         torch.testing.assert_close(lin.weight[rows], 1.37 * w_fp)
@@ -243,13 +243,13 @@ def test_variants_leave_unscaled_weights_bit_for_bit(wb):
     wb.set_quant(RTN)
     q = {n: p.clone() for n, p in wb.model.named_parameters()}
     wb.set_scales([0.6, 1.5, 1.1, 0.9], ScaleConfig("shared", "before"))
-    for v in ("scaled", "fp_scaled", "fp", "scaled", "quant", "fp_scaled"):
-        wb._use(v)
+    for v in ("quant_scaled", "fp_scaled", "fp", "quant_scaled", "quant", "fp_scaled"):
+        wb._put_variant(v)
     with wb.variant("fp"):
         assert all(torch.equal(p, fp[n]) for n, p in wb.model.named_parameters())
     with wb.variant("quant"):
         assert all(torch.equal(p, q[n]) for n, p in wb.model.named_parameters())
-    wb._use("fp_scaled")
+    wb._put_variant("fp_scaled")
     wb.set_quant(None)  # restore must bring back clean full-precision weights
     with wb.variant("fp"):
         assert all(torch.equal(p, fp[n]) for n, p in wb.model.named_parameters())
@@ -326,5 +326,5 @@ def test_symmetric_before_calibrated_quantizers_changes_only_rounding(wb, tmp_pa
     wb.set_quant(QuantConfig(method=method, bits=3, group_size=32, n_samples=2, seq_len=32), calib_corpus=calib)
     ref = _logits(wb, "quant")
     wb.set_scales([0.5, 2.0, 1.3, 0.7], ScaleConfig("symmetric", "before"))
-    assert (_logits(wb, "scaled") - ref).abs().max() < 1e-5
+    assert (_logits(wb, "quant_scaled") - ref).abs().max() < 1e-5
     assert wb.invariance_note() is not None  # AWQ too: its searched scales stay frozen when rows are re-quantized

@@ -15,6 +15,7 @@ from qroar.errors import Cancelled, ConfigError
 from qroar.perplexity import EvalConfig, weighted_objective
 from qroar.quant import QuantConfig
 from qroar.rope import PIConfig
+from qroar.rescale import ScaleConfig
 from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, windows_for
 from qroar.workbench import Workbench
 
@@ -105,8 +106,8 @@ def test_bad_windows_and_settings_raise():
 
 def _objective(wb, corpus, scales, cfg):
     """Independent check: weighted objective of `scales` computed straight from the workbench."""
-    wb.set_scales(scales, cfg.scale_cfg)
-    res = wb.evaluate(corpus, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc), "scaled")
+    wb.set_scales(scales)
+    res = wb.evaluate(corpus, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc), "quant_scaled")
     return weighted_objective(res.summary, cfg.weights())
 
 
@@ -119,8 +120,8 @@ def test_search_descends_guards_and_reports_on_heldout(setup):
     assert len(r.history) == n_cands and r.evaluations == 1 + n_cands + 1 + 3  # + fp dev, + 3 held-out
     # the chosen scales' objective, recomputed independently, is what the search reports and beats the baseline
     obj = r.objective["dev"]
-    assert obj["scaled"] <= obj["quant"]
-    assert _objective(wb, corpus["dev"], r.scales, cfg) == pytest.approx(obj["scaled"], abs=1e-9)
+    assert obj["quant_scaled"] <= obj["quant"]
+    assert _objective(wb, corpus["dev"], r.scales, cfg) == pytest.approx(obj["quant_scaled"], abs=1e-9)
     # coordinate descent: each band's choice is the best guarded candidate given the bands before it
     last = obj["quant"]
     for b in range(4):
@@ -129,7 +130,8 @@ def test_search_descends_guards_and_reports_on_heldout(setup):
         assert r.scales[b] == (1.0 if best == last else float(h.g[h.objective == best].iloc[0]))
         last = best
     # held-out: fp, quant and scaled per length, on the held-out documents
-    assert set(r.heldout.variant) == {"fp", "quant", "scaled"} and set(r.heldout.length) == {32, 96}
+    # (and the FP + scales control: a gain it shares is a temperature effect, not a repair)
+    assert set(r.heldout.variant) == {"fp", "quant", "quant_scaled", "fp_scaled"} and set(r.heldout.length) == {32, 96}
     assert r.note is None and wb.scales.tolist() == r.scales
     fr = [f for f, _ in seen]
     assert fr == sorted(fr) and fr[-1] == pytest.approx(1.0) and any("eta" in m for _, m in seen)
@@ -142,15 +144,19 @@ def test_guard_rejects_candidates_that_hurt_short_context(setup):
     limit = r.dev.query("variant == 'quant' and length == 32").log_ppl.iloc[0]  # tolerance 0: the baseline itself
     assert len(rejected) > 0 and (rejected.short_log_ppl > limit).all() and rejected.objective.isna().all()
     assert (r.history[r.history.guard_ok].short_log_ppl <= limit).all()
-    chosen = r.dev.query("variant == 'scaled' and length == 32").log_ppl.iloc[0]
+    chosen = r.dev.query("variant == 'quant_scaled' and length == 32").log_ppl.iloc[0]
     assert chosen <= limit
 
 
 def test_symmetric_before_rtn_search_says_gain_is_noise(setup):
     wb, corpus, _ = setup
-    r = search(wb, cfg_for(corpus, mode="symmetric"), WINDOWS)
+    wb.set_scales([1.0] * 4, ScaleConfig("symmetric"))
+    with pytest.raises(ConfigError, match="rounding"):  # refused up front: it could only measure noise
+        search(wb, cfg_for(corpus), WINDOWS)
+    r = search(wb, cfg_for(corpus, allow_invariant=True), WINDOWS)
     assert r.gain_is_noise and "rounding" in r.note
-    assert abs(r.objective["heldout"]["scaled"] - r.objective["heldout"]["quant"]) < 1e-5
+    assert r.scales == [1.0] * 4  # whatever noise chose is not a result
+    assert abs(r.objective["heldout"]["quant_scaled"] - r.objective["heldout"]["quant"]) < 1e-5
 
 
 def test_kfold_reports_per_band_mean_and_std(setup):
@@ -204,7 +210,7 @@ def test_racing_with_one_document_is_the_exhaustive_descent(setup, tmp_path):
     one = make_corpus(tmp_path / "one", n_dev=1, n_held=1, words=300)
     ref = search(wb, cfg_for(one), WINDOWS)
     wb.set_scales(None)
-    r = search(wb, cfg_for(one, race=True), WINDOWS)
+    r = search(wb, cfg_for(one, strategy="race"), WINDOWS)
     assert r.scales == ref.scales
     assert r.objective["dev"] == pytest.approx(ref.objective["dev"], abs=1e-9)
     assert r.objective["heldout"] == pytest.approx(ref.objective["heldout"], abs=1e-9)
@@ -218,11 +224,11 @@ def test_racing_spends_less_and_its_choice_checks_out(setup):
     is the one reported; documents evaluated (from the checkpoint) stay under the exhaustive count."""
     wb, corpus, tmp = setup
     ck = tmp / "race.json"
-    cfg = cfg_for(corpus, race=True, checkpoint=str(ck))
+    cfg = cfg_for(corpus, strategy="race", checkpoint=str(ck))
     seen = []
     r = search(wb, cfg, WINDOWS, progress=lambda f, m: seen.append(f))
-    assert r.objective["dev"]["scaled"] <= r.objective["dev"]["quant"]
-    assert _objective(wb, corpus["dev"], r.scales, cfg) == pytest.approx(r.objective["dev"]["scaled"], abs=1e-9)
+    assert r.objective["dev"]["quant_scaled"] <= r.objective["dev"]["quant"]
+    assert _objective(wb, corpus["dev"], r.scales, cfg) == pytest.approx(r.objective["dev"]["quant_scaled"], abs=1e-9)
     n_cands = sum(len(c) - 1 for c in r.candidates)
     assert len(r.history) == n_cands and set(r.history.docs) <= {1, 3, 4} and (r.history.docs == 1).any()
     entries = json.loads(ck.read_text())["evaluations"]
@@ -237,9 +243,9 @@ def test_racing_spends_less_and_its_choice_checks_out(setup):
 
 def test_racing_resumes_from_its_checkpoint(setup):
     wb, corpus, tmp = setup
-    ref = search(wb, cfg_for(corpus, race=True), WINDOWS)
+    ref = search(wb, cfg_for(corpus, strategy="race"), WINDOWS)
     wb.set_scales(None)
-    cfg = cfg_for(corpus, race=True, checkpoint=str(tmp / "ck.json"))
+    cfg = cfg_for(corpus, strategy="race", checkpoint=str(tmp / "ck.json"))
     cancel = threading.Event()
     with pytest.raises(Cancelled, match="resume"):
         search(wb, cfg, WINDOWS, progress=lambda f, m: cancel.set() if f > 0.3 else None, cancel=cancel)
@@ -260,6 +266,6 @@ def test_nested_search_equals_tiled_search_with_one_window(setup):
 
 def test_racing_settings_are_checked():
     with pytest.raises(ConfigError, match="race_eta"):
-        SearchConfig(race=True, race_eta=1)
+        SearchConfig(strategy="race", race_eta=1)
     with pytest.raises(ConfigError, match="true or false"):
         SearchConfig(nested="yes")

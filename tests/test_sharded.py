@@ -142,7 +142,7 @@ def test_perplexity_with_device_hooks_equals_plain(tiny):
     for w in (plain, wb):
         w.set_scales(SCALES)
     cfg = EvalConfig(lengths=(32, 96), max_windows_per_doc=1)
-    variants = ("fp", "quant", "fp_scaled", "scaled")
+    variants = ("fp", "quant", "fp_scaled", "quant_scaled")
     a, b = plain.perplexity(corpus["held"], cfg, variants), wb.perplexity(corpus["held"], cfg, variants)
     assert set(b["variant"]) == set(variants)
     pd.testing.assert_frame_equal(a, b)
@@ -199,7 +199,7 @@ def test_gpu_plus_cpu_split_equals_cpu_model(tiny):
     for w in (plain, wb):
         w.set_scales(SCALES)
     cfg = EvalConfig(lengths=(32, 96), max_windows_per_doc=2, batch_size=1)
-    variants = ("fp", "quant", "fp_scaled", "scaled")
+    variants = ("fp", "quant", "fp_scaled", "quant_scaled")
     a, b = plain.perplexity(corpus["held"], cfg, variants), wb.perplexity(corpus["held"], cfg, variants)
     pd.testing.assert_frame_equal(a, b, rtol=1e-4)
     dcfg = DiagConfig(bands=BandConfig(n_bands=4), capture_length=128, n_docs=2, noise_pairs=16, noise_layers=(0, 1))
