@@ -433,21 +433,20 @@ def import_scales(backend: Backend, key: ModelKey, data: bytes, name: str = "sca
 
 
 def check_export_folder(folder: str):
-    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export,
-    since the export replaces the folder whole."""
+    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export
+    (qroar.export.check_export then asks for overwrite before an earlier export is replaced)."""
     from pathlib import Path
 
     from qroar.errors import ConfigError
 
     if not folder or not folder.strip():
-        raise ConfigError("Type the folder to write the checkpoint to (it is created; an earlier export there is replaced).")
+        raise ConfigError("Type the folder to write the checkpoint to (it is created if missing).")
     path = Path(folder.strip()).expanduser().resolve()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{path} is a file: choose a folder.")
         if any(path.iterdir()) and not (path / "qroar_scales.json").exists():
-            raise ConfigError(f"{path} already holds files that are not a qroar export; the export replaces the "
-                              "whole folder, so choose a new or empty folder.")
+            raise ConfigError(f"{path} already holds files that are not a qroar export; choose a new or empty folder.")
     return path
 
 
@@ -471,13 +470,19 @@ class CheckpointExport:
     seconds: float
 
 
-def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None):
-    """qroar.export.export in format `fmt` (a key of qroar.export.FORMATS) of this recipe."""
+def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None,
+                   overwrite: bool = False):
+    """qroar.export.export in folder format `fmt` (a key of qroar.export.FORMATS) of this recipe; an earlier export
+    in `folder` is replaced only with overwrite."""
     def run(progress: Progress, cancel: threading.Event) -> CheckpointExport:
-        from qroar.export import FORMATS, export
+        from qroar.errors import ConfigError
+        from qroar.export import check_export, export, export_format
 
         t0 = time.time()
+        if not export_format(fmt).folder:
+            raise ConfigError(f"The {fmt} format is a file, not a checkpoint folder: download it from the Export page.")
         target = check_export_folder(str(folder))
+        check_export(fmt, target, overwrite)  # before the quantizer's calibration
         wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
         with wb.lock:
             _on_model(backend, key, recipe, progress, cancel, 0.5)
@@ -486,8 +491,8 @@ def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "
 
                 raise Cancelled("Export cancelled before anything was written.")
             progress(0.5, f"writing {target}")
-            path = export(wb, fmt, target, result=result)
+            path = export(wb, fmt, target, result=result, overwrite=overwrite)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        return CheckpointExport(str(path), files, FORMATS[fmt].needs_quantizer, size, load_snippet(path), time.time() - t0)
+        return CheckpointExport(str(path), files, export_format(fmt).needs_quantizer, size, load_snippet(path), time.time() - t0)
     return run

@@ -369,6 +369,7 @@ def add_export(sub) -> None:
     s.add_argument("--format", default="hf", choices=list(FORMATS),
                    help="; ".join(f"{k}: {v.label}" for k, v in FORMATS.items()))
     s.add_argument("--quantized", action="store_const", const="fake-quant", dest="format", help="same as --format fake-quant")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (files of your own in its folder are kept)")
     s.add_argument("--calib", default=None, help="calibration corpus when the file's quantizer is calibrated (default: the file's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_export)
@@ -376,14 +377,15 @@ def add_export(sub) -> None:
 
 def cmd_export(a) -> int:
     from qroar.errors import ConfigError
-    from qroar.export import FORMATS, apply_scales, export
+    from qroar.export import FORMATS, apply_scales, check_export, export
 
     fmt = FORMATS[a.format]
+    check_export(a.format, a.out, a.overwrite)  # before loading the model and calibrating
     sf, wb = _open_for_scales(a)
     if fmt.needs_quantizer and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: choose --format hf (full precision).")
     apply_scales(wb, sf, quantize=fmt.needs_quantizer, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
-    path = export(wb, a.format, a.out, meta=sf.raw)
+    path = export(wb, a.format, a.out, meta=sf.raw, overwrite=a.overwrite)
     print(f"wrote {path} ({fmt.label}; PI {wb.pi.label()})")
     return 0
 

@@ -175,6 +175,17 @@ def test_export_previews_the_current_scales_downloads_and_folds_them_into_a_chec
             torch.testing.assert_close(w_new, g * w_old, rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "out" / "qroar_scales.json").read_text())["scales"] == scales
 
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # exporting again: refused unless Overwrite is on
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    assert any("earlier qroar export" in e.value for e in at.error), [e.value for e in at.error]
+    at.toggle(key="w:export.overwrite").set_value(True).run()
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    ok(at)
+    assert any(str(tmp_path / "out") in s.value for s in at.success) and not at.error
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
 
 def test_importing_a_scales_file_sets_the_session_and_a_malformed_one_shows_an_error(tiny_dir):
     at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "scales": [1.05, 1.0, 1.0, 0.9]}), "export")
