@@ -434,6 +434,18 @@ def check_file_target(path, overwrite: bool = False) -> None:
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ConfigError(f"{path} exists: ask to overwrite it (`qroar export --overwrite`, or Overwrite on the Export "
                           "page), or choose another name.")
+    if path.exists() and not _written_by_qroar(path):
+        raise ConfigError(f"{path} is not a file qroar wrote (not a scales file): qroar never replaces it; choose "
+                          "another name.")
+
+
+def _written_by_qroar(path: Path) -> bool:
+    """A scales file: JSON with qroar's schema version and scales (the one kind of file a one-file export writes)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(raw, dict) and "schema_version" in raw and "scales" in raw
 
 
 def check_export(fmt: str, path, overwrite: bool = False) -> list[str]:

@@ -303,6 +303,9 @@ def test_export_scales_format_from_the_cli_refuses_an_existing_file_without_over
     assert "--overwrite" in capsys.readouterr().err and out.read_text() == "mine"
     assert main(["export", str(saved), "--format", "scales", "--out", str(tmp_path), "--quiet"]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["export", str(saved), "--format", "scales", "--out", str(out), "--quiet", "--overwrite"]) == 2
+    assert "not a file qroar wrote" in capsys.readouterr().err and out.read_text() == "mine"  # never the user's file
+    out.write_text(saved.read_text())  # a scales file: --overwrite may replace it
     assert main(["export", str(saved), "--format", "scales", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads(out.read_text())["scales"] == SCALES
 
