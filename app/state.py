@@ -68,6 +68,7 @@ DEFAULTS = {
     "search.nested": False,  # every length from one forward at the longest
     "export.folder": "",
     "export.format": "hf",  # a key of qroar.export.FORMATS
+    "export.overwrite": False,  # replace an earlier export in export.folder
     "export.scales_from": None,  # "tune" | "search"; None: the latest of the two
 }
 

@@ -14,7 +14,7 @@ import streamlit as st
 from qroar.errors import QroarError
 
 from app import state
-from app.jobs import CANCELLED, FAILED, QUEUED, Job, format_seconds
+from app.jobs import CANCELLED, FAILED, QUEUED, Job, panel_text
 
 POLL_SECONDS = 1.0
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
@@ -127,15 +127,10 @@ def _running(job_id: str) -> None:
         st.rerun()
         return
     with st.container(border=True):
-        if job.status == QUEUED:
-            ahead = q.position(job)
-            st.progress(0.0, text=f"{job.label}: waiting for {ahead} job(s) ahead in the queue (one computation at a time)")
-        else:
-            st.progress(job.progress, text=f"{job.label}: {job.message}")
+        bar, caption = panel_text(job, q.position(job))
+        st.progress(0.0 if job.status == QUEUED else job.progress, text=bar)
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
-        left = "estimating time left" if job.eta is None else f"about {format_seconds(job.eta)} left"
-        c1.caption(f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · {left}"
-                   if job.status != QUEUED else "queued")
+        c1.caption(caption)
         if c2.button("Cancel", key=f"cancel:{job.id}", icon=":material/stop_circle:", width="stretch"):
             q.cancel(job.id)
             st.rerun()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import charts, state, widgets as w
+from app import charts, run_views, state, widgets as w
 from app.engine import perplexity_job
 from qroar.errors import QroarError
 
@@ -61,3 +61,5 @@ d1.download_button("Download summary (CSV)", res.summary.to_csv(index=False), fi
                    mime="text/csv", icon=":material/download:", width="stretch")
 d2.download_button("Download per-document table (CSV)", res.table.to_csv(index=False), file_name="qroar_perplexity_documents.csv",
                    mime="text/csv", icon=":material/download:", width="stretch")
+
+run_views.perplexity_overlay(log_y)  # earlier runs of this session on the same axes

@@ -118,9 +118,8 @@ if st.button("Start search", type="primary", icon=":material/play_arrow:", disab
         st.error(str(e), icon=":material/error:")
     else:
         fn = search_job(state.backend(), state.loaded_key(), recipe, windows, cfg)
-        per = 1 + cfg.sweeps * (cfg.n_candidates - 1) * (len(edges) - 1)
-        size = "at most" if cfg.race else "about"
-        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands ({size} {per * (1 + cfg.k_folds) + 6} evaluations)",
+        # the count and its total (racing: at most, in document evaluations) come with the search's progress
+        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands" + (", racing" if cfg.race else ""),
                      meta={"cfg": cfg, "pi": recipe.pi.label(), "quant": recipe.quant.describe()})
         st.rerun()
 
@@ -145,8 +144,9 @@ m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f
                "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
-m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
-          help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
+m3.metric(r.unit.capitalize(), f"{r.spent} of at most {r.budget}"
+          + (f" (+{r.reused} resumed)" if r.reused else ""),
+          help=f"Computed in this run, in the unit the progress counted; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")
 if control is None:
@@ -188,7 +188,8 @@ else:
     st.plotly_chart(qc.trace_figure(hist, dev["quant"], base_short, cfg.guard_tol, r.scales), width="stretch")
     n_rej = int((~hist["guard_ok"].astype(bool)).sum())
     st.caption(f"{len(hist)} candidates tried on the dev documents, {n_rej} rejected by the guard (their longer "
-               "lengths were not evaluated). Each point is one candidate with the other bands at their values then.")
+               "lengths were not evaluated). Each point is one candidate with the other bands at their values then. "
+               + qc.TRACE_CAPTION)
 
 st.download_button("Download the search result (JSON)", json.dumps(r.to_dict(), indent=1, default=str),
                    file_name="qroar_search.json", mime="application/json", icon=":material/download:")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qroar import preflight
 from qroar.errors import QroarError
+from qroar.progress import Estimator, format_seconds
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -108,19 +109,22 @@ def lengths_from_args(a, trained_context: int) -> tuple[int, ...]:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr with the time left."""
+    """A one-line progress bar on stderr with the time left (qroar.progress, as in the dashboard)."""
 
     def __init__(self, quiet=False):
-        self.t0, self.quiet = time.time(), quiet
+        self.t0, self.quiet, self.estimate = time.time(), quiet, Estimator()
+        self.estimate.update(0.0, self.t0)
 
     def __call__(self, frac: float, msg: str = "") -> None:
         if self.quiet:
             return
         frac = min(max(frac, 0.0), 1.0)
+        self.estimate.update(frac)
         el = time.time() - self.t0
-        eta = el / frac * (1 - frac) if frac > 0.01 else float("nan")
+        left = self.estimate.seconds_left()
+        left = "estimating..." if left is None else f"{format_seconds(left)} left"
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  eta {eta:6.1f}s  {msg[:50]:<50}")
+        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  {left:<16}  {msg[:72]:<72}")
         if frac >= 1.0:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -297,7 +301,8 @@ def cmd_search(a) -> int:
     if ranks.world_size > 1:
         print(f"candidates spread over {ranks.world_size} processes")
     print(format_result(result))
-    print(f"{result.evaluations} evaluations in {result.seconds:.1f}s ({result.reused} reused from the checkpoint)")
+    print(f"{result.spent} {result.unit} (at most {result.budget}) in {result.seconds:.1f}s "
+          f"({result.reused} reused from the checkpoint)")
     if a.out:
         if result.note:
             print(f"not writing {a.out}: these settings cannot change the model, so there are no scales to save")
@@ -368,6 +373,7 @@ def add_export(sub) -> None:
     s.add_argument("--format", default="hf", choices=list(FORMATS),
                    help="; ".join(f"{k}: {v.label}" for k, v in FORMATS.items()))
     s.add_argument("--quantized", action="store_const", const="fake-quant", dest="format", help="same as --format fake-quant")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (files of your own in its folder are kept)")
     s.add_argument("--calib", default=None, help="calibration corpus when the file's quantizer is calibrated (default: the file's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_export)
@@ -375,15 +381,16 @@ def add_export(sub) -> None:
 
 def cmd_export(a) -> int:
     from qroar.errors import ConfigError
-    from qroar.export import FORMATS, apply_scales, export
+    from qroar.export import FORMATS, apply_scales, check_export, export
 
     preflight.check(a, "export")
     fmt = FORMATS[a.format]
+    check_export(a.format, a.out, a.overwrite)  # before loading the model and calibrating
     sf, wb = _open_for_scales(a)
     if fmt.needs_quantizer and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: choose --format hf (full precision).")
     apply_scales(wb, sf, quantize=fmt.needs_quantizer, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
-    path = export(wb, a.format, a.out, meta=sf.raw)
+    path = export(wb, a.format, a.out, meta=sf.raw, overwrite=a.overwrite)
     print(f"wrote {path} ({fmt.label}; PI {wb.pi.label()})")
     return 0
 

@@ -448,6 +448,7 @@ def check_diagnose(a) -> None:
 
 def check_search(a) -> None:
     from qroar.recipe import Recipe
+    from qroar.search import STRATEGIES, search_config_from_args
 
     recipe = Recipe.from_args(a)
     lengths = parse_lengths(a.lengths)
@@ -472,8 +473,9 @@ def check_search(a) -> None:
     dev_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in dev.sizes), L)
               for L in ((top,) if a.nested else kept)]
     held_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in held.sizes), L) for L in kept]
-    evals = 1 + a.sweeps * recipe.bands.n_bands * (a.candidates - 1)
-    evals = evals * (1 + a.folds) + 3  # + fp, quant, quant_scaled on dev
+    # the exhaustive grid's count bounds every strategy (racing scores fewer documents); + fp, quant, quant_scaled on dev
+    cfg = search_config_from_args(a, top)
+    evals = STRATEGIES["grid"].budget(len(dev.sizes), [a.candidates - 1] * recipe.bands.n_bands, cfg) + 3
     secs = estimate_seconds(spec, dev_fw * evals + held_fw * 3, a.device)
     _say(a, plan_line(f"search, at most {evals} evaluations on {len(dev.sizes)} dev documents", dev_fw, evals, None)
          + f"; + 3 x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"

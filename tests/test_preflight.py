@@ -105,7 +105,9 @@ def test_search_skips_a_length_and_its_weight(tiny_dir, corpus, no_load, capsys)
                                    corpus["held"], *QUANT, "--lengths", "32,100000,64", "--length-weights", "1,2,3"])
     preflight.check(a, "search")
     assert a.lengths == "32,64" and a.length_weights == "1.0,3.0"
-    assert "warning: skipping length 100000" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "warning: skipping length 100000" in out.err
+    assert "plan: search, at most 52 evaluations" in out.out  # 1 + 8 bands x 6 candidates, + fp, quant, quant_scaled
 
 
 def test_diagnose_capture_length_too_long_fails_early(tiny_dir, corpus, no_load, capsys):
