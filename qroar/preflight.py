@@ -476,9 +476,10 @@ def check_search(a) -> None:
     # the exhaustive grid's count bounds every strategy (racing scores fewer documents); + fp, quant, quant_scaled on dev
     cfg = search_config_from_args(a, top)
     evals = STRATEGIES["grid"].budget(len(dev.sizes), [a.candidates - 1] * recipe.bands.n_bands, cfg) + 3
-    secs = estimate_seconds(spec, dev_fw * evals + held_fw * 3, a.device)
+    n_held = 4 if recipe.quantized else 2  # held-out: fp, quant, quant_scaled and the fp_scaled control
+    secs = estimate_seconds(spec, dev_fw * evals + held_fw * n_held, a.device)
     _say(a, plan_line(f"search, at most {evals} evaluations on {len(dev.sizes)} dev documents", dev_fw, evals, None)
-         + f"; + 3 x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"
+         + f"; + {n_held} x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"
          + (f"; at most about {_duration(secs)} on this CPU" if secs is not None else ""))
 
 
