@@ -448,7 +448,7 @@ def check_diagnose(a) -> None:
 
 def check_search(a) -> None:
     from qroar.recipe import Recipe
-    from qroar.search import STRATEGIES, search_config_from_args
+    from qroar.search import STRATEGIES, search_budget, search_config_from_args
 
     recipe = Recipe.from_args(a)
     lengths = parse_lengths(a.lengths)
@@ -473,12 +473,15 @@ def check_search(a) -> None:
     dev_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in dev.sizes), L)
               for L in ((top,) if a.nested else kept)]
     held_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in held.sizes), L) for L in kept]
-    # the exhaustive grid's count bounds every strategy (racing scores fewer documents); + fp, quant, quant_scaled on dev
+    # the chosen strategy's own bound, in its own unit, as the run's progress counts it
     cfg = search_config_from_args(a, top)
-    evals = STRATEGIES["grid"].budget(len(dev.sizes), [a.candidates - 1] * recipe.bands.n_bands, cfg) + 3
+    strategy = STRATEGIES[cfg.strategy]
+    n_dev = len(dev.sizes)
+    budget = search_budget(cfg, n_dev, len(held.sizes), [a.candidates - 1] * recipe.bands.n_bands)
+    evals = -(-budget // n_dev) if strategy.per_document else budget  # in passes over every dev document
     n_held = 4 if recipe.quantized else 2  # held-out: fp, quant, quant_scaled and the fp_scaled control
     secs = estimate_seconds(spec, dev_fw * evals + held_fw * n_held, a.device)
-    _say(a, plan_line(f"search, at most {evals} evaluations on {len(dev.sizes)} dev documents", dev_fw, evals, None)
+    _say(a, plan_line(f"search, at most {budget} {strategy.unit} on {n_dev} dev documents", dev_fw, evals, None)
          + f"; + {n_held} x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"
          + (f"; at most about {_duration(secs)} on this CPU" if secs is not None else ""))
 

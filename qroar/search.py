@@ -732,6 +732,17 @@ def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFr
     return pd.DataFrame(rows), obj
 
 
+def search_budget(cfg: SearchConfig, n_dev: int, n_held: int, per_band: list[int]) -> int:
+    """The most work a search can spend, in its strategy's unit (what its progress counts against): the
+    descent on every dev document and on each fold's, then the dev tables (fp, quant; the scaled one is
+    known) and the held-out ones (fp, quant, scaled)."""
+    strategy = STRATEGIES[cfg.strategy]
+    total = strategy.budget(n_dev, per_band, cfg)
+    for k in range(cfg.k_folds):
+        total += strategy.budget(sum(1 for i in range(n_dev) if i % cfg.k_folds != k), per_band, cfg)
+    return total + (2 * n_dev + 3 * n_held if strategy.per_document else 6)
+
+
 def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str], None] | None = None,
            cancel: threading.Event | None = None, parallel=None) -> SearchResult:
     """Find per-band scales for the workbench's model under its PI and quantizer (module docstring).
@@ -771,9 +782,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         strategy = STRATEGIES[cfg.strategy]
         if not strategy.spreads and parallel is not None and parallel.world_size > 1:
             raise ConfigError(f"The {cfg.strategy} strategy runs in one process: choose another to spread the search over processes.")
-        per_band = [len(c) - 1 for c in cands]
-        total = strategy.budget(len(dev.doc_ids), per_band, cfg)
-        total += 2 * len(dev.doc_ids) + 3 * len(held.doc_ids) if strategy.per_document else 6  # fp, quant, scaled tables
+        total = search_budget(cfg, len(dev.doc_ids), len(held.doc_ids), [len(c) - 1 for c in cands])
         run = SearchRun(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
         prior = wb.recipe
         history: list[dict] = []

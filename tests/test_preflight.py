@@ -107,7 +107,7 @@ def test_search_skips_a_length_and_its_weight(tiny_dir, corpus, no_load, capsys)
     assert a.lengths == "32,64" and a.length_weights == "1.0,3.0"
     out = capsys.readouterr()
     assert "warning: skipping length 100000" in out.err
-    assert "plan: search, at most 52 evaluations" in out.out  # 1 + 8 bands x 6 candidates, + fp, quant, quant_scaled
+    assert "plan: search, at most 55 evaluations" in out.out  # 1 + 8 bands x 6 candidates, + fp, quant, scaled on dev and held-out
 
 
 def test_diagnose_capture_length_too_long_fails_early(tiny_dir, corpus, no_load, capsys):

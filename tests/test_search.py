@@ -17,7 +17,7 @@ from qroar.perplexity import EvalConfig, weighted_objective
 from qroar.quant import QuantConfig
 from qroar.rope import PIConfig
 from qroar.rescale import ScaleConfig
-from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, windows_for
+from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, search_budget, windows_for
 from qroar.workbench import Workbench
 
 RTN = QuantConfig(method="rtn", bits=3, group_size=32)
@@ -257,7 +257,11 @@ def test_racing_progress_never_counts_past_its_announced_total(setup, one_thread
     never passes that bound, and the result reports the same count in the same unit."""
     wb, corpus, _ = setup
     seen = []
-    r = search(wb, cfg_for(corpus, strategy="race", k_folds=2), WINDOWS, progress=lambda f, m: seen.append(m))
+    cfg = cfg_for(corpus, strategy="race", k_folds=2)
+    r = search(wb, cfg, WINDOWS, progress=lambda f, m: seen.append(m))
+    # the bound the CLI's plan line prints before the model loads is the one the run counts against
+    n_dev, n_held = len(wb.corpus(cfg.dev_corpus).doc_ids), len(wb.corpus(cfg.heldout_corpus).doc_ids)
+    assert search_budget(cfg, n_dev, n_held, [len(c) - 1 for c in r.candidates]) == r.budget
     counts = [re.search(r"(\d+) of at most (\d+) document evaluations", m) for m in seen]
     assert seen and all(counts), [m for m, c in zip(seen, counts) if not c]
     totals = {int(c[2]) for c in counts}
