@@ -157,6 +157,16 @@ class Backend:
     queue: JobQueue = field(default_factory=JobQueue)
     models: ModelCache = field(default_factory=ModelCache)
     registry: Sessions = field(default_factory=Sessions)
+    paces: dict = field(default_factory=dict)  # ModelKey -> tokens forward per second, measured by the last run
+
+    def timed_perplexity(self, key, wb, corpus, eval_cfg, *args, **kw):
+        """wb.perplexity(...), its pace (scored tokens per second) kept for the cost lines of the pages."""
+        t = time.time()
+        table = wb.perplexity(corpus, eval_cfg, *args, **kw)
+        secs = time.time() - t
+        if secs > 0.5 and len(table):
+            self.paces[key] = float(table["tokens"].sum()) / secs
+        return table
 
     def submit(self, rec: SessionRecord, kind: str, fn, label: str = "", meta: dict | None = None) -> Job:
         prev = rec.jobs.get(kind)
@@ -253,7 +263,8 @@ def perplexity_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cf
         with wb.lock:
             wb.apply(r, progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
             progress(0.3, "tokenizing the corpus")
-            table = wb.perplexity(corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0), cancel=cancel)
+            table = backend.timed_perplexity(key, wb, corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0),
+                                             cancel=cancel)
         settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict(),
                     "corpus": corpus, "eval": eval_cfg.to_dict(), "recipe": r.to_dict()}
         return PerplexityResult(table, summarize_variants(table), settings, int(wb.info.trained_context), time.time() - t0)
@@ -348,7 +359,8 @@ def tune_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg, bas
             if max_docs:  # a quick subset for live tuning: the first documents of the corpus
                 c = wb.corpus(corpus)
                 docs = c.subset(c.doc_ids[:max_docs])
-            table = wb.perplexity(docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
+            table = backend.timed_perplexity(key, wb, docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0),
+                                             cancel=cancel)
             note = wb.invariance_note()
             applied = wb.recipe
         if not quantized:

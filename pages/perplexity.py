@@ -20,6 +20,19 @@ with c1:
 with c2:
     w.link("setup", "Change settings on Setup", ":material/tune:")
 
+
+def _forwards(sizes_of, spec):
+    from qroar.preflight import eval_forwards
+
+    cfg, corpus = state.eval_config(), state.corpus_spec()
+    passes = 2 if state.recipe().quantized else 1  # full precision, and quantized when there is a quantizer
+    fw = eval_forwards(sizes_of(corpus), cfg.lengths, spec.bos, cfg.stride, cfg.max_windows_per_doc)
+    per = ", ".join(f"{n} x {length}" for n, length in fw if n)
+    return [(n * passes, length) for n, length in fw], f"{passes} x ({per}) windows x tokens"
+
+
+w.cost(_forwards, "Next run")
+
 if run:
     try:
         recipe, corpus, cfg = state.recipe(), state.corpus_spec(), state.eval_config()

@@ -11,7 +11,7 @@ from app.engine import loaded_entry, matching_tir, search_job
 from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
 from qroar.recipe import Recipe
-from qroar.search import OBJECTIVES, STRATEGIES, SearchConfig
+from qroar.search import OBJECTIVES, STRATEGIES, SearchConfig, candidates
 FOLDS = (0, 2, 3, 4, 5)
 
 
@@ -98,22 +98,39 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
         w.text("Checkpoint file (optional)", "search.checkpoint", placeholder="runs/search.json",
                help="Written after every evaluation. A search with the same settings and file resumes where it stopped.")
 
+
+
+def search_config() -> SearchConfig:
+    lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
+    weights = None
+    if state.get("search.custom_weights"):
+        stored = state.get("search.weights") or {}
+        weights = tuple(float(stored.get(str(n), n / lengths[0])) for n in lengths)
+    checkpoint = state.get("search.checkpoint").strip() or None
+    return SearchConfig(
+        n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
+        lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
+        dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
+        max_windows_per_doc=int(state.get("search.max_windows")) or None,
+        checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
+        objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
+
+
+def _forwards(sizes_of, spec):
+    from qroar.preflight import search_plan
+
+    c = search_config()
+    per_band = [len(candidates(lo, hi, c.n_candidates)) - 1 for lo, hi in zip(windows["g_min"], windows["g_max"])]
+    plan = search_plan(c, sizes_of(c.dev_corpus), sizes_of(c.heldout_corpus), per_band, spec.bos, recipe.quantized)
+    return plan.forwards(), plan.line().removeprefix("plan: ").replace("search, at most", "at most", 1)
+
+
 busy = w.is_running("search")
+if not note:
+    w.cost(_forwards, "This search")
 if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy or bool(note)):
     try:
-        lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
-        weights = None
-        if state.get("search.custom_weights"):
-            stored = state.get("search.weights") or {}
-            weights = tuple(float(stored.get(str(n), n / lengths[0])) for n in lengths)
-        checkpoint = state.get("search.checkpoint").strip() or None
-        cfg = SearchConfig(
-            n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
-            lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
-            dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
-            max_windows_per_doc=int(state.get("search.max_windows")) or None,
-            checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
-            objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
+        cfg = search_config()
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:

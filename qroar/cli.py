@@ -92,8 +92,8 @@ def _add_corpus_args(p: argparse.ArgumentParser, default="embedded:heldout") -> 
     g.add_argument("--corpus", default=default, help="embedded | embedded:dev | embedded:heldout | PATH | hf:name[:config[:split[:field]]]")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x,8x the trained context)")
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
-    g.add_argument("--max-windows", type=int, default=4,
-                   help="at most this many windows per document and length (default 4, seconds on a laptop; 0 = every window)")
+    g.add_argument("--max-windows", type=int, default=2,
+                   help="at most this many windows per document and length (default 2: seconds on a laptop; 0 = every window)")
     g.add_argument("--batch-size", type=int, default=None)
 
 

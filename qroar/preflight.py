@@ -295,6 +295,16 @@ def windows_count(size: int, length: int, bos: bool, stride: int | None, cap: in
 # ----------------------------------------------------------------------------- cost
 
 
+_RATES: dict = {}  # (rows, cols, device) -> (time measured, FLOP/s): a page asking every rerun measures once a minute
+
+
+def measure_flops_cached(rows: int, cols: int, device: str = "cpu", max_age: float = 60.0) -> float:
+    hit = _RATES.get((rows, cols, device))
+    if hit is None or time.time() - hit[0] > max_age:
+        hit = _RATES[(rows, cols, device)] = (time.time(), measure_flops(rows, cols, device))
+    return hit[1]
+
+
 def measure_flops(rows: int, cols: int, device: str = "cpu", bursts: int = 8, seconds: float = 0.03) -> float:
     """FLOP/s of a (512, rows) x (rows, cols) matmul here and now, with torch's threads: the best of a
     few short bursts (one preemption does not count; a machine busy throughout still reads slower)."""
@@ -331,8 +341,34 @@ def estimate_seconds(spec: ModelSpec, forwards: list[tuple[int, int]], device: s
     if not forwards or spec.flops_per_token(1) is None or pick_device(device).type != "cpu":
         return None
     flops = sum(w * L * spec.flops_per_token(L) for w, L in forwards)
-    rate = measure_flops(spec.get("hidden_size"), spec.get("intermediate_size") or spec.get("hidden_size"), "cpu")
+    rate = measure_flops_cached(spec.get("hidden_size"), spec.get("intermediate_size") or spec.get("hidden_size"), "cpu")
     return CPU_OVERHEAD * flops / rate
+
+
+def eval_forwards(sizes: list[int], lengths, bos: bool, stride: int | None, cap: int | None) -> list[tuple[int, int]]:
+    """[(windows, length)] one pass of perplexity runs over documents of `sizes` tokens."""
+    return [(sum(windows_count(n, L, bos, stride, cap) for n in sizes), L) for L in lengths]
+
+
+def spec_of_loaded(name: str, config: dict, tokenizer, model) -> ModelSpec:
+    """A ModelSpec for a model already in memory (its config as a dict, the BOS rule from the model)."""
+    from qroar.perplexity import needs_bos
+
+    config = config.get("text_config") or config
+    return ModelSpec(name, config, tokenizer, needs_bos(tokenizer, model))
+
+
+def cost_text(spec: ModelSpec, forwards: list[tuple[int, int]], passes: float, device: str = "cpu",
+              pace: float | None = None) -> str:
+    """'N tokens forward; about T ...': the measured pace (tokens/s of an earlier run of this model here) when
+    known, else the FLOP estimate on a CPU; on a GPU without a pace, the token count alone."""
+    tokens = int(passes * sum(w * L for w, L in forwards))
+    if pace:
+        return f"{tokens:,} tokens forward; about {_duration(tokens / pace)} at the pace of the last run"
+    secs = estimate_seconds(spec, [(w * passes, L) for w, L in forwards], device)
+    if secs is None:
+        return f"{tokens:,} tokens forward"
+    return f"{tokens:,} tokens forward; about {_duration(secs)} on this CPU (estimated from its matmul speed)"
 
 
 def _duration(s: float) -> str:
@@ -448,7 +484,7 @@ def check_diagnose(a) -> None:
 
 def check_search(a) -> None:
     from qroar.recipe import Recipe
-    from qroar.search import STRATEGIES, search_budget, search_config_from_args
+    from qroar.search import search_config_from_args
 
     recipe = Recipe.from_args(a)
     lengths = parse_lengths(a.lengths)
@@ -469,21 +505,51 @@ def check_search(a) -> None:
     a.lengths = ",".join(map(str, kept))
     if weights is not None:
         a.length_weights = ",".join(str(w) for L, w in zip(lengths, weights) if L in kept)
-    top = max(kept)
-    dev_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in dev.sizes), L)
-              for L in ((top,) if a.nested else kept)]
-    held_fw = [(sum(windows_count(n, L, spec.bos, None, a.max_windows) for n in held.sizes), L) for L in kept]
-    # the chosen strategy's own bound, in its own unit, as the run's progress counts it
-    cfg = search_config_from_args(a, top)
+    cfg = search_config_from_args(a, max(kept))
+    plan = search_plan(cfg, dev.sizes, held.sizes, [a.candidates - 1] * recipe.bands.n_bands, spec.bos, recipe.quantized)
+    secs = estimate_seconds(spec, plan.forwards(), a.device)
+    _say(a, plan.line() + (f"; at most about {_duration(secs)} on this CPU" if secs is not None else ""))
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """The most a search can run: `budget` in its strategy's `unit` (what its progress counts against), as
+    `evals` passes over the dev windows `dev` [(windows, length)], plus `n_held` passes over the held-out ones."""
+
+    budget: int
+    unit: str
+    n_dev: int
+    evals: int
+    dev: list
+    n_held: int
+    held: list
+
+    def forwards(self) -> list[tuple[float, int]]:
+        return [(w * self.evals, L) for w, L in self.dev] + [(w * self.n_held, L) for w, L in self.held]
+
+    def tokens(self) -> int:
+        return int(sum(w * L for w, L in self.forwards()))
+
+    def line(self) -> str:
+        return (plan_line(f"search, at most {self.budget} {self.unit} on {self.n_dev} dev documents", self.dev,
+                          self.evals, None)
+                + f"; + {self.n_held} x ({', '.join(f'{w} x {L}' for w, L in self.held)}) held-out")
+
+
+def search_plan(cfg, dev_sizes, held_sizes, per_band: list[int], bos: bool, quantized: bool) -> SearchPlan:
+    """The plan of a search with `cfg` over documents of these token counts (see SearchPlan)."""
+    from qroar.search import STRATEGIES, search_budget
+
+    lengths = tuple(cfg.lengths)
+    cap = cfg.max_windows_per_doc
+    dev = eval_forwards(dev_sizes, (max(lengths),) if cfg.nested else lengths, bos, None, cap)
+    held = eval_forwards(held_sizes, lengths, bos, None, cap)
     strategy = STRATEGIES[cfg.strategy]
-    n_dev = len(dev.sizes)
-    budget = search_budget(cfg, n_dev, len(held.sizes), [a.candidates - 1] * recipe.bands.n_bands)
+    n_dev = len(dev_sizes)
+    budget = search_budget(cfg, n_dev, len(held_sizes), per_band)
     evals = -(-budget // n_dev) if strategy.per_document else budget  # in passes over every dev document
-    n_held = 4 if recipe.quantized else 2  # held-out: fp, quant, quant_scaled and the fp_scaled control
-    secs = estimate_seconds(spec, dev_fw * evals + held_fw * n_held, a.device)
-    _say(a, plan_line(f"search, at most {budget} {strategy.unit} on {n_dev} dev documents", dev_fw, evals, None)
-         + f"; + {n_held} x ({', '.join(f'{w} x {L}' for w, L in held_fw)}) held-out"
-         + (f"; at most about {_duration(secs)} on this CPU" if secs is not None else ""))
+    n_held = 4 if quantized else 2  # held-out: fp, quant, quant_scaled and the fp_scaled control
+    return SearchPlan(budget, strategy.unit, n_dev, evals, dev, n_held, held)
 
 
 CHECKS = {"eval": check_eval, "apply": check_apply, "export": check_export, "diagnose": check_diagnose, "search": check_search}

@@ -192,10 +192,10 @@ def test_cli_bad_group_size_fails_in_seconds(tiny_dir, corpus):
 # ----------------------------------------------------------------------------- windows and the plan
 
 
-def test_eval_and_apply_default_to_four_windows_per_document_and_zero_means_all(tiny_dir, corpus, tmp_path, capsys,
+def test_eval_and_apply_default_to_two_windows_per_document_and_zero_means_all(tiny_dir, corpus, tmp_path, capsys,
                                                                                one_thread):
     p = build_parser()
-    assert p.parse_args(["eval"]).max_windows == 4 and p.parse_args(["apply", "s.json"]).max_windows == 4
+    assert p.parse_args(["eval"]).max_windows == 2 and p.parse_args(["apply", "s.json"]).max_windows == 2
     assert p.parse_args(["search"]).max_windows == 2
     out = tmp_path / "all"
     assert main(["eval", "--model", tiny_dir, "--corpus", corpus["held"], "--lengths", "128", *QUANT,
@@ -213,8 +213,8 @@ def test_plan_estimates_the_time_on_the_cpu(tiny_dir, corpus, capsys):
                                    *QUANT, "--device", "cpu"])
     preflight.check(a, "eval")
     line = capsys.readouterr().out
-    assert line.startswith("plan: 2 variants on 2 documents") and "(8 x 32, 8 x 64)" in line and "on this CPU" in line
-    assert a.max_windows == 4 and a.lengths == "32,64"
+    assert line.startswith("plan: 2 variants on 2 documents") and "(4 x 32, 4 x 64)" in line and "on this CPU" in line
+    assert a.max_windows == 2 and a.lengths == "32,64"
 
 
 def test_plan_counts_the_variants_the_recipe_runs(tiny_dir, corpus, capsys):
