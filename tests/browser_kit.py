@@ -146,9 +146,12 @@ def set_number(pg, label: str, value) -> None:
 
 def choose(pg, label: str, option: str) -> None:
     """Pick `option` in the select box called `label`."""
-    pg.get_by_role("combobox", name=label).click()
+    box = pg.get_by_role("combobox", name=label)
+    box.click()
+    box.fill(option)  # the list filters as one types; the exact option is then clicked
     pg.get_by_role("option", name=option, exact=True).click()
     idle(pg)
+
 
 
 def progress_texts(pg) -> list[str]:
@@ -175,5 +178,27 @@ def wait_done(pg, marker, timeout_s: float = JOB / 1000, watch=None) -> list[str
         if marker.count():
             idle(pg)
             return seen
+        pg.wait_for_timeout(300)
+    raise TimeoutError(f"not done after {timeout_s:.0f} s; last progress: {seen[-1:] or 'none'}")
+
+
+def wait_job(pg, marker, timeout_s: float = JOB / 1000, watch=None) -> list[str]:
+    """After pressing a page's run button: wait until its job has finished (no progress panel, no 'previous
+    result' caption) and `marker` (a locator) shows, sampling the progress panels meanwhile (see wait_done)."""
+    seen, deadline = [], time.time() + timeout_s
+    started = time.time()
+    while time.time() < deadline:
+        texts = progress_texts(pg)
+        for t in texts:
+            if t and (not seen or seen[-1] != t):
+                seen.append(t)
+                if watch:
+                    watch(t)
+        previous = pg.get_by_text("Showing the previous").count()
+        # a job quicker than a poll may never show a panel: after 3 s without one, the marker decides
+        if not texts and not previous and marker.count() and (seen or time.time() - started > 3):
+            idle(pg)
+            if not progress_texts(pg) and marker.count():
+                return seen
         pg.wait_for_timeout(300)
     raise TimeoutError(f"not done after {timeout_s:.0f} s; last progress: {seen[-1:] or 'none'}")
