@@ -27,12 +27,31 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 install-test: $(VENV)/.installed-test chromium
 
-# Browser tests drive Debian's Chromium; nothing downloads a browser of its own.
+# Browser tests drive Debian's Chromium; nothing downloads a browser of its own. As root with apt-get, only the
+# missing packages are installed (no recommends), after printing them; installed packages are never upgraded unless
+# QROAR_ALLOW_UPGRADES=1 (apt's --no-upgrade spares only the packages named, not their dependencies, hence the check).
+# QROAR_SKIP_BROWSER=1 skips all this, and the tests mark the browser tests skipped.
+APT_INSTALL := apt-get install -q --no-upgrade --no-install-recommends chromium
 chromium:
+ifneq ($(filter-out 0,$(QROAR_SKIP_BROWSER)),)
+	@echo "QROAR_SKIP_BROWSER=$(QROAR_SKIP_BROWSER): Chromium is not installed and the browser tests are skipped"
+else
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; \
+	    apt-get update -q >/dev/null || exit 1; \
+	    plan=$$($(APT_INSTALL) -s) || exit 1; \
+	    new=$$(echo "$$plan" | awk '/^Inst / && $$3 !~ /^\[/ {printf " %s", $$2}'); \
+	    up=$$(echo "$$plan" | awk '/^Inst / && $$3 ~ /^\[/ {printf " %s", $$2}'); \
+	    if [ -n "$$up" ] && [ "$(QROAR_ALLOW_UPGRADES)" != 1 ]; then \
+	      echo "Chromium not installed: apt-get would also upgrade installed packages:$$up"; \
+	      echo "  allow that with QROAR_ALLOW_UPGRADES=1, install chromium yourself, or skip the browser tests with QROAR_SKIP_BROWSER=1"; \
+	    else \
+	      echo "Installing for the browser tests ($$(echo $$new | wc -w) Debian packages; QROAR_SKIP_BROWSER=1 skips this):$$new"; \
+	      [ -z "$$up" ] || echo "  and upgrading (QROAR_ALLOW_UPGRADES=1):$$up"; \
+	      DEBIAN_FRONTEND=noninteractive $(APT_INSTALL) -y >/dev/null; \
+	    fi; \
 	  else echo "chromium not found: install it (Debian: apt-get install chromium) or browser tests will be skipped"; fi; }
+endif
 
 app: install
 	$(VENV)/bin/streamlit run app/main.py --server.address $(HOST) --server.port $(PORT) \

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from app.jobs import DONE, Job, JobQueue, Progress
+from app.runs import RunStore
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -120,6 +121,7 @@ class SessionRecord:
     previous: dict[str, Job] = field(default_factory=dict)  # last successful job of each kind before that
     recipe: Any = None  # qroar.recipe.Recipe of this session (app.state.recipe() makes the default)
     scales_changed: float = 0.0  # when the recipe's scales last changed (Tune, a search taken over, an import)
+    runs: RunStore = field(default_factory=RunStore)  # every successful result, named, for comparison
 
 
 class Sessions:
@@ -155,12 +157,27 @@ class Backend:
     queue: JobQueue = field(default_factory=JobQueue)
     models: ModelCache = field(default_factory=ModelCache)
     registry: Sessions = field(default_factory=Sessions)
+    paces: dict = field(default_factory=dict)  # ModelKey -> tokens forward per second, measured by the last run
+
+    def timed_perplexity(self, key, wb, corpus, eval_cfg, *args, **kw):
+        """wb.perplexity(...), its pace (scored tokens per second) kept for the cost lines of the pages."""
+        t = time.time()
+        table = wb.perplexity(corpus, eval_cfg, *args, **kw)
+        secs = time.time() - t
+        if secs > 0.5 and len(table):
+            self.paces[key] = float(table["tokens"].sum()) / secs
+        return table
 
     def submit(self, rec: SessionRecord, kind: str, fn, label: str = "", meta: dict | None = None) -> Job:
         prev = rec.jobs.get(kind)
         if prev is not None and prev.status == DONE:
             rec.previous[kind] = prev  # still shown while the new job runs, or if it fails
-        job = self.queue.submit(kind, rec.token, fn, label=label, meta=meta)
+        model = rec.model_key.to_dict() if rec.model_key else None  # the model the job was submitted on
+
+        def keep(job: Job, result) -> None:  # a successful result becomes one of the session's runs
+            rec.runs.record(kind, result, model=model, job_id=job.id)
+
+        job = self.queue.submit(kind, rec.token, fn, label=label, meta=meta, on_done=keep)
         rec.jobs[kind] = job
         return job
 
@@ -246,10 +263,12 @@ def perplexity_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cf
         with wb.lock:
             wb.apply(r, progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
             progress(0.3, "tokenizing the corpus")
-            table = wb.perplexity(corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0), cancel=cancel)
+            table = backend.timed_perplexity(key, wb, corpus, eval_cfg, progress=sub_progress(progress, 0.3, 1.0),
+                                             cancel=cancel)
         settings = {"model": key.to_dict(), "pi": r.pi.to_dict(), "quant": r.quant.to_dict(),
                     "corpus": corpus, "eval": eval_cfg.to_dict(), "recipe": r.to_dict()}
         return PerplexityResult(table, summarize_variants(table), settings, int(wb.info.trained_context), time.time() - t0)
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -260,10 +279,14 @@ def diagnostics_job(backend: Backend, key: ModelKey, recipe, corpus: str, cfg):
     def run(progress: Progress, cancel: threading.Event):
         from qroar.diagnostics import run_diagnostics
 
+        r = replace(recipe, scales=None)
         wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
         with wb.lock:
-            wb.apply(replace(recipe, scales=None), progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
-            return run_diagnostics(wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
+            wb.apply(r, progress=sub_progress(progress, 0.05, 0.3), cancel=cancel)
+            res = run_diagnostics(wb, corpus, cfg, sub_progress(progress, 0.3, 1.0), cancel)
+        res.settings["recipe"] = r.to_dict()  # what the diagnostics ran under, as the other results carry it
+        return res
+    run.work_from = 0.3  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -336,7 +359,8 @@ def tune_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg, bas
             if max_docs:  # a quick subset for live tuning: the first documents of the corpus
                 c = wb.corpus(corpus)
                 docs = c.subset(c.doc_ids[:max_docs])
-            table = wb.perplexity(docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
+            table = backend.timed_perplexity(key, wb, docs, eval_cfg, variants, progress=sub_progress(progress, 0.2, 1.0),
+                                             cancel=cancel)
             note = wb.invariance_note()
             applied = wb.recipe
         if not quantized:
@@ -346,6 +370,7 @@ def tune_job(backend: Backend, key: ModelKey, recipe, corpus: str, eval_cfg, bas
             table = pd.concat([base.table[keep], table], ignore_index=True)
         return TuneResult(table, summarize_variants(table), base_key, applied, note, quantized, reuse,
                           int(wb.info.trained_context), time.time() - t0)
+    run.work_from = 0.2  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -359,6 +384,7 @@ def search_job(backend: Backend, key: ModelKey, recipe, windows: pd.DataFrame, c
             wb = _on_model(backend, key, recipe.with_scales([1.0] * n), progress, cancel, 0.1)
             cols = windows[["band", "g_min", "g_max", "reason"]].reset_index(drop=True)
             return search(wb, cfg, windows=cols, progress=sub_progress(progress, 0.1, 1.0), cancel=cancel)
+    run.work_from = 0.1  # model load, PI and quantizer: start-up, its pace is not the work's
     return run
 
 
@@ -419,21 +445,20 @@ def import_scales(backend: Backend, key: ModelKey, data: bytes, name: str = "sca
 
 
 def check_export_folder(folder: str):
-    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export,
-    since the export replaces the folder whole."""
+    """The target folder as a Path; refuses a folder that holds anything but an earlier qroar export
+    (qroar.export.check_export then asks for overwrite before an earlier export is replaced)."""
     from pathlib import Path
 
     from qroar.errors import ConfigError
 
     if not folder or not folder.strip():
-        raise ConfigError("Type the folder to write the checkpoint to (it is created; an earlier export there is replaced).")
+        raise ConfigError("Type the folder to write the checkpoint to (it is created if missing).")
     path = Path(folder.strip()).expanduser().resolve()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{path} is a file: choose a folder.")
         if any(path.iterdir()) and not (path / "qroar_scales.json").exists():
-            raise ConfigError(f"{path} already holds files that are not a qroar export; the export replaces the "
-                              "whole folder, so choose a new or empty folder.")
+            raise ConfigError(f"{path} already holds files that are not a qroar export; choose a new or empty folder.")
     return path
 
 
@@ -457,13 +482,19 @@ class CheckpointExport:
     seconds: float
 
 
-def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None):
-    """qroar.export.export in format `fmt` (a key of qroar.export.FORMATS) of this recipe."""
+def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None,
+                   overwrite: bool = False):
+    """qroar.export.export in folder format `fmt` (a key of qroar.export.FORMATS) of this recipe; an earlier export
+    in `folder` is replaced only with overwrite."""
     def run(progress: Progress, cancel: threading.Event) -> CheckpointExport:
-        from qroar.export import FORMATS, export
+        from qroar.errors import ConfigError
+        from qroar.export import check_export, export, export_format
 
         t0 = time.time()
+        if not export_format(fmt).folder:
+            raise ConfigError(f"The {fmt} format is a file, not a checkpoint folder: download it from the Export page.")
         target = check_export_folder(str(folder))
+        check_export(fmt, target, overwrite)  # before the quantizer's calibration
         wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
         with wb.lock:
             _on_model(backend, key, recipe, progress, cancel, 0.5)
@@ -472,8 +503,8 @@ def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "
 
                 raise Cancelled("Export cancelled before anything was written.")
             progress(0.5, f"writing {target}")
-            path = export(wb, fmt, target, result=result)
+            path = export(wb, fmt, target, result=result, overwrite=overwrite)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        return CheckpointExport(str(path), files, FORMATS[fmt].needs_quantizer, size, load_snippet(path), time.time() - t0)
+        return CheckpointExport(str(path), files, export_format(fmt).needs_quantizer, size, load_snippet(path), time.time() - t0)
     return run

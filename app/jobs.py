@@ -1,8 +1,10 @@
 """One background worker per process: every GPU computation of every browser tab runs here, in order.
 
 A page submits a function `fn(progress, cancel) -> result`; the worker runs jobs one at a time
-(FIFO), so two tabs never interleave work on the same model. A job records its progress, ETA,
+(FIFO), so two tabs never interleave work on the same model. A job records its progress, time left,
 result or error; `qroar` errors become a message for the user, anything else is logged as a bug.
+The time left is qroar.progress's estimate (the CLI's too); a job function may set `fn.work_from`
+to the share of its progress that is start-up (model load, quantization), never measured.
 Pure Python: no Streamlit here, so the queue is testable on its own.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qroar.errors import Cancelled, QroarError
+from qroar.progress import Estimator, format_seconds
 
 log = logging.getLogger("qroar.app.jobs")
 
@@ -44,6 +47,11 @@ class Job:
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     meta: dict = field(default_factory=dict)  # settings the job ran with, for display and re-attach
+    on_done: Callable[["Job", Any], None] | None = field(default=None, repr=False)  # (job, result) on success
+    estimate: Estimator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.estimate = Estimator(work_from=getattr(self.fn, "work_from", 0.0))
 
     @property
     def is_finished(self) -> bool:
@@ -57,14 +65,15 @@ class Job:
 
     @property
     def eta(self) -> float | None:
-        """Seconds left, extrapolated from the progress rate so far (None until there is a rate)."""
-        if self.status != RUNNING or self.progress < 0.01 or self.elapsed < 0.2:
+        """Seconds left at the recent pace of the work (qroar.progress.Estimator); None while not known."""
+        if self.status != RUNNING:
             return None
-        return self.elapsed * (1.0 - self.progress) / self.progress
+        return self.estimate.seconds_left()
 
     def report(self, fraction: float, message: str = "") -> None:
         """The `progress` callback handed to the engine."""
         self.progress = min(max(float(fraction), 0.0), 1.0)
+        self.estimate.update(self.progress)
         if message:
             self.message = message
 
@@ -84,10 +93,11 @@ class JobQueue:
 
     # ------------------------------------------------------------------ submitting and looking up
 
-    def submit(self, kind: str, owner: str, fn: JobFn, label: str = "", meta: dict | None = None) -> Job:
+    def submit(self, kind: str, owner: str, fn: JobFn, label: str = "", meta: dict | None = None,
+               on_done: Callable[[Job, Any], None] | None = None) -> Job:
         with self._lock:
             job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, owner=owner, label=label or kind, fn=fn,
-                      meta=dict(meta or {}))
+                      meta=dict(meta or {}), on_done=on_done)
             self._jobs[job.id] = job
             self._forget_old()
             if self._worker is None or not self._worker.is_alive():
@@ -157,6 +167,7 @@ class JobQueue:
                 if job.is_finished:  # cancelled while queued
                     continue
                 job.status, job.started, job.message = RUNNING, time.time(), "starting"
+                job.estimate.update(0.0, job.started)
                 self.current = job
             status, result, error = DONE, None, None
             try:
@@ -170,6 +181,11 @@ class JobQueue:
             except Exception as e:  # a bug, not a user error: log it, keep the worker alive
                 log.exception("job %s (%s) crashed", job.id, job.kind)
                 status, error = FAILED, f"Unexpected error ({type(e).__name__}: {e}). This is a bug; the details are in the server log."
+            if status == DONE and job.on_done is not None:  # before the job reads as done, so waiters see its effect
+                try:
+                    job.on_done(job, result)
+                except Exception:  # keeping a record must never lose the result itself
+                    log.exception("job %s (%s): on_done failed", job.id, job.kind)
             with self._lock:
                 self.current = None
                 self._finish(job, status, result, error)
@@ -189,8 +205,11 @@ class JobQueue:
         self._q.put(None)
 
 
-def format_seconds(s: float | None) -> str:
-    if s is None:
-        return "estimating..."
-    s = int(round(s))
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+def panel_text(job: Job, ahead: int = 0) -> tuple[str, str]:
+    """The running-job panel's two lines: the bar's text and the caption under it, which holds the
+    one time-left figure (engine messages carry none). `ahead`: jobs before a queued one."""
+    if job.status == QUEUED:
+        return f"{job.label}: waiting for {ahead} job(s) ahead in the queue (one computation at a time)", "queued"
+    left = job.eta
+    left = "estimating time left" if left is None else f"about {format_seconds(left)} left"
+    return f"{job.label}: {job.message}", f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · {left}"

@@ -32,7 +32,10 @@ PAGES = {
         st.Page(widgets.page_path("search"), title="Search", icon=":material/manage_search:", url_path="search"),
         st.Page(widgets.page_path("export"), title="Export", icon=":material/save:", url_path="export"),
     ],
-    "Share": [st.Page(widgets.page_path("report"), title="Report", icon=":material/description:", url_path="report")],
+    "Share": [
+        st.Page(widgets.page_path("runs"), title="Runs", icon=":material/compare_arrows:", url_path="runs"),
+        st.Page(widgets.page_path("report"), title="Report", icon=":material/description:", url_path="report"),
+    ],
     "Learn": [st.Page(widgets.page_path("learn"), title="Learn", icon=":material/school:", url_path="learn")],
 }
 

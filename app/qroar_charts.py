@@ -284,36 +284,60 @@ def trace_positions(history: pd.DataFrame) -> pd.Series:
     return x
 
 
+TRACE_CAPTION = ("Each candidate is compared with the scale it had to beat on the same documents: the band's "
+                 "incumbent (exhaustive search: the best so far). With racing, a candidate dropped after 1 or 3 "
+                 "documents is compared on those documents only; larger markers: more documents.")
+
+
+def trace_changes(history: pd.DataFrame, baseline_objective: float, baseline_short: float) -> pd.DataFrame:
+    """Per tried candidate, in %: obj_pct, its objective vs the incumbent's on the same documents (NaN when
+    the guard rejected it), and short_pct, its shortest length vs the unscaled model's on those documents.
+
+    history: as qroar.search records it; without incumbent_objective / unscaled_short_log_ppl (older
+    results) the all-documents baselines given here stand in.
+    """
+    inc = history.get("incumbent_objective", pd.Series(baseline_objective, index=history.index))
+    base = history.get("unscaled_short_log_ppl", pd.Series(baseline_short, index=history.index))
+    obj = [100 * (math.exp(o - i) - 1) if pd.notna(o) and pd.notna(i) else float("nan")
+           for o, i in zip(history["objective"], inc.fillna(baseline_objective))]
+    short = [100 * (math.exp(s - b) - 1) for s, b in zip(history["short_log_ppl"], base.fillna(baseline_short))]
+    return pd.DataFrame({"obj_pct": obj, "short_pct": short}, index=history.index)
+
+
 def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_short: float, guard_tol: float,
                  chosen=None, height: int = 520) -> go.Figure:
-    """The search, candidate by candidate: objective change vs the unscaled model (top; only candidates
-    that passed the guard have one) and short-context change against the guard (bottom; rejected in red).
+    """The search, candidate by candidate: objective change vs the incumbent on the same documents (top;
+    only candidates that passed the guard have one) and short-context change against the guard (bottom;
+    rejected in red). Marker size: documents the candidate was scored on (racing stops most early).
 
-    history: band, g, objective (NaN when rejected), short_log_ppl, guard_ok, sweep (as qroar.search records it).
+    history: band, g, objective (NaN when rejected), short_log_ppl, guard_ok, sweep, docs, incumbent_objective,
+    unscaled_short_log_ppl (as qroar.search records it; see trace_changes).
     """
     if history.empty:
         raise ValueError("no candidates to plot")
     h = history.copy()
     h["x"] = trace_positions(h)
-    h["obj_pct"] = [100 * (math.exp(o - baseline_objective) - 1) if pd.notna(o) else float("nan") for o in h["objective"]]
-    h["short_pct"] = [100 * (math.exp(s - baseline_short) - 1) for s in h["short_log_ppl"]]
+    h[["obj_pct", "short_pct"]] = trace_changes(h, baseline_objective, baseline_short)
+    docs = h["docs"] if "docs" in h else pd.Series(1, index=h.index)
+    h["docs"] = docs.fillna(1).astype(int)
+    h["size"] = 6 + 8 * (h["docs"] / h["docs"].max()) ** 0.5
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.55, 0.45],
-                        subplot_titles=("Objective vs unscaled PTQ (length-weighted log-perplexity; lower = better)",
-                                        "Shortest length vs unscaled PTQ (the guard)"))
+                        subplot_titles=("Objective vs the incumbent on the same documents (lower = better)",
+                                        "Shortest length vs unscaled PTQ on the same documents (the guard)"))
     palette = (STYLE["quant_scaled"][1], "#1f5fae")
+    hover = "band %{customdata[0]}, g = %{customdata[1]:.4f}: %{y:+.3f}% on %{customdata[2]} document(s)<extra></extra>"
     for s, d in h.groupby("sweep"):
         ok = d[d["guard_ok"].astype(bool)]
         fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers", name=f"sweep {int(s) + 1}",
-                                 marker=dict(size=9, color=palette[int(s) % 2]), customdata=ok[["band", "g"]],
-                                 hovertemplate="band %{customdata[0]}, g = %{customdata[1]:.4f}: %{y:+.3f}%<extra></extra>"),
+                                 marker=dict(size=ok["size"], color=palette[int(s) % 2]),
+                                 customdata=ok[["band", "g", "docs"]], hovertemplate=hover),
                       row=1, col=1)
     for ok, d in h.groupby(h["guard_ok"].astype(bool)):
         fig.add_trace(go.Scatter(x=d["x"], y=d["short_pct"], mode="markers",
                                  name="passed the guard" if ok else "rejected by the guard", showlegend=not ok,
-                                 marker=dict(size=9 if ok else 11, color="#9e9e9e" if ok else REJECTED_COLOUR,
+                                 marker=dict(size=d["size"] if ok else d["size"] + 2, color="#9e9e9e" if ok else REJECTED_COLOUR,
                                              symbol="circle" if ok else "x"),
-                                 customdata=d[["band", "g"]],
-                                 hovertemplate="band %{customdata[0]}, g = %{customdata[1]:.4f}: %{y:+.3f}%<extra></extra>"),
+                                 customdata=d[["band", "g", "docs"]], hovertemplate=hover),
                       row=2, col=1)
     if chosen is not None:
         pick = [(b, float(g)) for b, g in enumerate(chosen) if float(g) != 1.0]

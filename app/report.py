@@ -14,7 +14,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import pandas as pd
@@ -240,8 +240,10 @@ def search_section(res, s: ReportSettings) -> Section:
     if {"quant", "quant_scaled"} <= set(held.columns):
         held["scaled vs PTQ %"] = 100 * (held["quant_scaled"] / held["quant"] - 1)
     windows = res.windows.assign(scale=res.scales)
-    text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.evaluations} evaluations, "
+    text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.spent} {res.unit}, "
             f"{res.seconds:.1f} s).")
+    if len(figs) > 1:
+        text += f" Search trace: {qroar_charts.TRACE_CAPTION}"
     if res.note:
         text += f" Note: {res.note} The change is rounding noise, not a gain."
     tables = [("Held-out perplexity (documents the search never saw)", held), ("Windows and chosen scales", windows)]
@@ -269,6 +271,45 @@ def sections(results: dict[str, Any], s: ReportSettings) -> list[Section]:
     cmds = [c for sec in out for c in sec.code] or [eval_command(s)]
     out.append(Section("Reproduce", "The command lines that recompute these results without the dashboard.", code=tuple(cmds)))
     return out
+
+
+# ----------------------------------------------------------------------------- runs side by side
+
+
+def run_report_settings(run, s: ReportSettings) -> ReportSettings:
+    """The settings a run (app.runs.Run) ran with, as report settings: its Recipe, so its section's command comes
+    from the run's own `recipe.to_args()`; the session's model, corpus and evaluation where the run does not say."""
+    r = run.settings
+    model = r.get("model") or s.model
+    return ReportSettings(model=model, recipe=run.recipe.to_dict(), corpus=r.get("corpus") or s.corpus,
+                          eval=r.get("eval") or s.eval, model_info=s.model_info if model == s.model else None)
+
+
+def run_sections(runs: list, s: ReportSettings) -> list[Section]:
+    """Chosen runs: one section with the settings that differ and the overlays, then one per run with its own
+    settings and its kind's figures, tables and command."""
+    from app.run_charts import OVERLAY_TITLES
+    from app.runs import comparison, runs_table, settings_rows
+
+    diff, figs = comparison(runs)
+    listing = runs_table(runs).drop(columns=["id", "pinned"])
+    out = [Section("Compared runs", f"{len(runs)} runs of this session side by side: "
+                   + "; ".join(OVERLAY_TITLES.get(k, k) for k in figs) + ".", tuple(figs.items()),
+                   (("The runs", listing), ("Settings that differ", diff)))]
+    for run in runs:
+        builder = SECTIONS.get(run.kind)
+        own = builder(run.result, run_report_settings(run, s)) if builder else Section(run.name)
+        when = time.strftime("%H:%M:%S", time.localtime(run.created))
+        out.append(Section(f"Run {run.id}: {run.name}", f"{run.kind.capitalize()} run of {when}. {own.text}".strip(),
+                           own.figures, (("Settings of this run", settings_rows(run.settings)), *own.tables), own.code))
+    return out
+
+
+def with_runs(parts: list[Section], runs: list, s: ReportSettings) -> list[Section]:
+    """A report's sections (sections()) with the chosen runs before Reproduce, which then has their commands too."""
+    body = parts[:-1] + run_sections(runs, s)
+    cmds = tuple(dict.fromkeys(c for sec in body for c in sec.code))
+    return body + [replace(parts[-1], code=cmds or parts[-1].code)]
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -14,7 +14,7 @@ import streamlit as st
 from qroar.errors import QroarError
 
 from app import state
-from app.jobs import CANCELLED, FAILED, QUEUED, Job, format_seconds
+from app.jobs import CANCELLED, FAILED, QUEUED, Job, panel_text
 
 POLL_SECONDS = 1.0
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
@@ -127,15 +127,10 @@ def _running(job_id: str) -> None:
         st.rerun()
         return
     with st.container(border=True):
-        if job.status == QUEUED:
-            ahead = q.position(job)
-            st.progress(0.0, text=f"{job.label}: waiting for {ahead} job(s) ahead in the queue (one computation at a time)")
-        else:
-            st.progress(job.progress, text=f"{job.label}: {job.message}")
+        bar, caption = panel_text(job, q.position(job))
+        st.progress(0.0 if job.status == QUEUED else job.progress, text=bar)
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
-        left = "estimating time left" if job.eta is None else f"about {format_seconds(job.eta)} left"
-        c1.caption(f"{100 * job.progress:.0f}% · elapsed {format_seconds(job.elapsed)} · {left}"
-                   if job.status != QUEUED else "queued")
+        c1.caption(caption)
         if c2.button("Cancel", key=f"cancel:{job.id}", icon=":material/stop_circle:", width="stretch"):
             q.cancel(job.id)
             st.rerun()
@@ -299,3 +294,45 @@ def sidebar_status() -> None:
         running = state.backend().queue.active(state.session().token)
         if running:
             st.caption(f":material/pending: {len(running)} job(s) running or queued")
+
+
+# ----------------------------------------------------------------------------- what the next run costs
+
+
+def _token_sizes(corpus: str) -> list[int]:
+    """Token counts of the corpus's documents under the loaded model's tokenizer (the workbench caches them)."""
+    from app.engine import loaded_entry
+
+    wb = loaded_entry(state.backend(), state.loaded_key()).wb
+    return [int(t.numel()) for t in wb.corpus(corpus).tokens]
+
+
+def _spec():
+    from app.engine import loaded_entry
+    from qroar.preflight import spec_of_loaded
+
+    key = state.loaded_key()
+    wb = loaded_entry(state.backend(), key).wb
+    return spec_of_loaded(key.name, wb.model.config.to_dict(), wb.tokenizer, wb.model)
+
+
+def _device() -> str:
+    from app.engine import loaded_entry
+
+    return loaded_entry(state.backend(), state.loaded_key()).wb.device.type
+
+
+def cost(forwards_of, passes_text: str) -> None:
+    """A caption saying what the next run costs before it runs: `forwards_of(sizes_of, spec)` returns
+    ([(windows, length)] in all, what they are); the time from this model's measured pace when a run has
+    measured it, else estimated from this CPU's matmul speed."""
+    from qroar.preflight import cost_text
+
+    try:
+        spec = _spec()
+        forwards, what = forwards_of(_token_sizes, spec)
+        pace = state.backend().paces.get(state.loaded_key())
+        st.caption(f":material/schedule: {passes_text}: {what}; "
+                   + cost_text(spec, forwards, 1, _device(), pace) + ".")
+    except QroarError as e:  # a setting that cannot run says so where it is edited
+        st.caption(f":material/schedule: cost not known: {e}")

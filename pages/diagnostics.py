@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import diag_charts as dc, state, widgets as w
+from app import diag_charts as dc, run_views, state, widgets as w
 from app.charts import length_label
 from app.engine import diagnostics_job
 from app.jobs import DONE
@@ -125,3 +125,5 @@ st.caption("Both charts: the RMS of (quantized - full precision) band logits q_b
 
 st.download_button("Download all tables (JSON)", res.to_json(), file_name="qroar_diagnostics.json",
                    mime="application/json", icon=":material/download:")
+
+run_views.diagnostics_overlay(mode)  # other diagnostics runs of this session, side by side

@@ -110,7 +110,9 @@ st.subheader("3 · Folded checkpoint")
 c1, c2 = st.columns([3, 2])
 with c1:
     w.text("Folder to write", "export.folder", placeholder="exports/my-model-qroar",
-           help="Created if missing; an earlier qroar export there is replaced whole, any other non-empty folder is refused.")
+           help="Created if missing; a folder holding anything but a qroar export is refused.")
+    w.toggle("Overwrite an earlier export there", "export.overwrite",
+             help="Without it an earlier export in the folder is left as it is. Files of your own in it are kept.")
 with c2:
     w.radio("Format", "export.format", [k for k, f in FORMATS.items() if f.folder], horizontal=True,
             format_func=lambda k: FORMATS[k].label,
@@ -119,7 +121,7 @@ with c2:
 busy = w.is_running("checkpoint")
 if st.button("Export folded checkpoint", icon=":material/save:", disabled=busy):
     fn = checkpoint_job(state.backend(), state.loaded_key(), recipe, state.get("export.folder"),
-                        state.get("export.format"), result)
+                        state.get("export.format"), result, overwrite=bool(state.get("export.overwrite")))
     state.submit("checkpoint", fn, label="Writing the checkpoint", meta={"folder": state.get("export.folder")})
     st.rerun()
 ck = w.job_status("checkpoint")

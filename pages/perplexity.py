@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import charts, state, widgets as w
+from app import charts, run_views, state, widgets as w
 from app.engine import perplexity_job
 from qroar.errors import QroarError
 
@@ -19,6 +19,19 @@ with c1:
     run = st.button("Run perplexity", type="primary", icon=":material/play_arrow:", disabled=busy, width="stretch")
 with c2:
     w.link("setup", "Change settings on Setup", ":material/tune:")
+
+
+def _forwards(sizes_of, spec):
+    from qroar.preflight import eval_forwards
+
+    cfg, corpus = state.eval_config(), state.corpus_spec()
+    passes = 2 if state.recipe().quantized else 1  # full precision, and quantized when there is a quantizer
+    fw = eval_forwards(sizes_of(corpus), cfg.lengths, spec.bos, cfg.stride, cfg.max_windows_per_doc)
+    per = ", ".join(f"{n} x {length}" for n, length in fw if n)
+    return [(n * passes, length) for n, length in fw], f"{passes} x ({per}) windows x tokens"
+
+
+w.cost(_forwards, "Next run")
 
 if run:
     try:
@@ -61,3 +74,5 @@ d1.download_button("Download summary (CSV)", res.summary.to_csv(index=False), fi
                    mime="text/csv", icon=":material/download:", width="stretch")
 d2.download_button("Download per-document table (CSV)", res.table.to_csv(index=False), file_name="qroar_perplexity_documents.csv",
                    mime="text/csv", icon=":material/download:", width="stretch")
+
+run_views.perplexity_overlay(log_y)  # earlier runs of this session on the same axes

@@ -32,6 +32,13 @@ except QroarError as e:
     st.error(str(e), icon=":material/error:")
     st.stop()
 
+chosen = state.session().runs.chosen_runs()  # runs chosen on the Runs page: side by side, each with its settings
+if chosen and st.toggle(f"Include the {len(chosen)} run(s) chosen on the Runs page: "
+                        + ", ".join(r.name for r in chosen), value=True, key="report.runs"):
+    parts = report.with_runs(parts, chosen, settings)
+elif not chosen:
+    st.caption("To put several runs side by side in the report, choose them on the Runs page.")
+
 st.subheader("Contents")
 cols = st.columns(len(report.KINDS))
 for col, kind in zip(cols, report.KINDS):

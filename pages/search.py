@@ -11,7 +11,7 @@ from app.engine import loaded_entry, matching_tir, search_job
 from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
 from qroar.recipe import Recipe
-from qroar.search import OBJECTIVES, STRATEGIES, SearchConfig
+from qroar.search import OBJECTIVES, STRATEGIES, SearchConfig, candidates
 FOLDS = (0, 2, 3, 4, 5)
 
 
@@ -98,29 +98,45 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
         w.text("Checkpoint file (optional)", "search.checkpoint", placeholder="runs/search.json",
                help="Written after every evaluation. A search with the same settings and file resumes where it stopped.")
 
+
+
+def search_config() -> SearchConfig:
+    lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
+    weights = None
+    if state.get("search.custom_weights"):
+        stored = state.get("search.weights") or {}
+        weights = tuple(float(stored.get(str(n), n / lengths[0])) for n in lengths)
+    checkpoint = state.get("search.checkpoint").strip() or None
+    return SearchConfig(
+        n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
+        lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
+        dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
+        max_windows_per_doc=int(state.get("search.max_windows")) or None,
+        checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
+        objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
+
+
+def _forwards(sizes_of, spec):
+    from qroar.preflight import search_plan
+
+    c = search_config()
+    per_band = [len(candidates(lo, hi, c.n_candidates)) - 1 for lo, hi in zip(windows["g_min"], windows["g_max"])]
+    plan = search_plan(c, sizes_of(c.dev_corpus), sizes_of(c.heldout_corpus), per_band, spec.bos, recipe.quantized)
+    return plan.forwards(), plan.line().removeprefix("plan: ").replace("search, at most", "at most", 1)
+
+
 busy = w.is_running("search")
+if not note:
+    w.cost(_forwards, "This search")
 if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy or bool(note)):
     try:
-        lengths = tuple(sorted(int(n) for n in (state.get("search.lengths") or state.lengths())))
-        weights = None
-        if state.get("search.custom_weights"):
-            stored = state.get("search.weights") or {}
-            weights = tuple(float(stored.get(str(n), n / lengths[0])) for n in lengths)
-        checkpoint = state.get("search.checkpoint").strip() or None
-        cfg = SearchConfig(
-            n_candidates=int(state.get("search.n_candidates")), sweeps=int(state.get("search.sweeps")),
-            lengths=lengths, length_weights=weights, guard_tol=float(state.get("search.guard_pct")) / 100,
-            dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
-            max_windows_per_doc=int(state.get("search.max_windows")) or None,
-            checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
-            objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
+        cfg = search_config()
     except QroarError as e:
         st.error(str(e), icon=":material/error:")
     else:
         fn = search_job(state.backend(), state.loaded_key(), recipe, windows, cfg)
-        per = 1 + cfg.sweeps * (cfg.n_candidates - 1) * (len(edges) - 1)
-        size = "at most" if cfg.race else "about"
-        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands ({size} {per * (1 + cfg.k_folds) + 6} evaluations)",
+        # the count and its total (racing: at most, in document evaluations) come with the search's progress
+        state.submit("search", fn, label=f"Search over {len(edges) - 1} bands" + (", racing" if cfg.race else ""),
                      meta={"cfg": cfg, "pi": recipe.pi.label(), "quant": recipe.quant.describe()})
         st.rerun()
 
@@ -145,8 +161,9 @@ m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f
                "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
-m3.metric("Evaluations", f"{r.evaluations}" + (f" (+{r.reused} resumed)" if r.reused else ""),
-          help=f"Evaluate calls computed in this run; {r.doc_evaluations} document evaluations in all "
+m3.metric(r.unit.capitalize(), f"{r.spent} of at most {r.budget}"
+          + (f" (+{r.reused} resumed)" if r.reused else ""),
+          help=f"Computed in this run, in the unit the progress counted; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")
 if control is None:
@@ -188,7 +205,8 @@ else:
     st.plotly_chart(qc.trace_figure(hist, dev["quant"], base_short, cfg.guard_tol, r.scales), width="stretch")
     n_rej = int((~hist["guard_ok"].astype(bool)).sum())
     st.caption(f"{len(hist)} candidates tried on the dev documents, {n_rej} rejected by the guard (their longer "
-               "lengths were not evaluated). Each point is one candidate with the other bands at their values then.")
+               "lengths were not evaluated). Each point is one candidate with the other bands at their values then. "
+               + qc.TRACE_CAPTION)
 
 st.download_button("Download the search result (JSON)", json.dumps(r.to_dict(), indent=1, default=str),
                    file_name="qroar_search.json", mime="application/json", icon=":material/download:")

@@ -114,6 +114,18 @@ with left:
     w.number("Windows per document and length (0 = as on Setup)", "qroar.max_windows", min_value=0, step=1,
              help="Fewer windows keep each re-run quick; Perplexity on its own page uses the Setup value.")
 
+    def _forwards(sizes_of, spec):
+        from qroar.preflight import eval_forwards
+
+        n_docs = int(state.get("qroar.max_docs") or 0)
+        sizes = sizes_of(corpus)[:n_docs or None]
+        passes = 1 + bool(state.get("qroar.control"))  # scaled (and the control); fp and quant are re-used
+        fw = eval_forwards(sizes, cfg.lengths, spec.bos, cfg.stride, cfg.max_windows_per_doc)
+        per = ", ".join(f"{n} x {length}" for n, length in fw if n)
+        return [(n * passes, length) for n, length in fw], f"{passes} x ({per}) windows x tokens"
+
+    w.cost(_forwards, "Each move")
+
 # One job per distinct setting: a move while a run is going cancels that run and queues the new one.
 sig = repr((state.loaded_key(), recipe, corpus, cfg, state.get("qroar.control"), state.get("qroar.max_docs")))
 last = state.job("tune")

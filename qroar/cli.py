@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from qroar import preflight
 from qroar.errors import QroarError
+from qroar.progress import Estimator, format_seconds
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -92,8 +94,8 @@ def _add_corpus_args(p: argparse.ArgumentParser, default="embedded:heldout") -> 
     g.add_argument("--corpus", default=default, help="embedded | embedded:dev | embedded:heldout | PATH | hf:name[:config[:split[:field]]]")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x,8x the trained context)")
     g.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping windows)")
-    g.add_argument("--max-windows", type=int, default=4,
-                   help="at most this many windows per document and length (default 4, seconds on a laptop; 0 = every window)")
+    g.add_argument("--max-windows", type=int, default=2,
+                   help="at most this many windows per document and length (default 2: seconds on a laptop; 0 = every window)")
     g.add_argument("--batch-size", type=int, default=None)
 
 
@@ -109,19 +111,22 @@ def lengths_from_args(a, trained_context: int) -> tuple[int, ...]:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr with the time left."""
+    """A one-line progress bar on stderr with the time left (qroar.progress, as in the dashboard)."""
 
     def __init__(self, quiet=False):
-        self.t0, self.quiet = time.time(), quiet
+        self.t0, self.quiet, self.estimate = time.time(), quiet, Estimator()
+        self.estimate.update(0.0, self.t0)
 
     def __call__(self, frac: float, msg: str = "") -> None:
         if self.quiet:
             return
         frac = min(max(frac, 0.0), 1.0)
+        self.estimate.update(frac)
         el = time.time() - self.t0
-        eta = el / frac * (1 - frac) if frac > 0.01 else float("nan")
+        left = self.estimate.seconds_left()
+        left = "estimating..." if left is None else f"{format_seconds(left)} left"
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  eta {eta:6.1f}s  {msg[:50]:<50}")
+        sys.stderr.write(f"\r[{bar}] {100 * frac:5.1f}%  {el:6.1f}s  {left:<16}  {msg[:72]:<72}")
         if frac >= 1.0:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -176,6 +181,7 @@ def cmd_eval(a) -> int:
     from qroar import distributed
     from qroar.perplexity import EvalConfig, summarize_variants
 
+    preflight.check(a, "eval")
     ranks = ranks_from_args(a)
     say = print if ranks.is_main else (lambda *x, **k: None)
     recipe = recipe_from_args(a)
@@ -271,6 +277,7 @@ def cmd_search(a) -> int:
     from qroar.export import save_scales
     from qroar.search import format_result, search_config_from_args
 
+    preflight.check(a, "search")
     ranks = ranks_from_args(a)
     say = print if ranks.is_main else (lambda *x, **k: None)
     recipe = recipe_from_args(a)
@@ -296,7 +303,8 @@ def cmd_search(a) -> int:
     if ranks.world_size > 1:
         print(f"candidates spread over {ranks.world_size} processes")
     print(format_result(result))
-    print(f"{result.evaluations} evaluations in {result.seconds:.1f}s ({result.reused} reused from the checkpoint)")
+    print(f"{result.spent} {result.unit} (at most {result.budget}) in {result.seconds:.1f}s "
+          f"({result.reused} reused from the checkpoint)")
     if a.out:
         if result.note:
             print(f"not writing {a.out}: these settings cannot change the model, so there are no scales to save")
@@ -338,6 +346,7 @@ def cmd_apply(a) -> int:
     from qroar.export import apply_scales
     from qroar.perplexity import EvalConfig, summarize_variants
 
+    preflight.check(a, "apply")
     sf, wb = _open_for_scales(a)
     tc = wb.info.trained_context
     search_lengths = (sf.raw.get("search") or {}).get("lengths")
@@ -366,6 +375,7 @@ def add_export(sub) -> None:
     s.add_argument("--format", default="hf", choices=list(FORMATS),
                    help="; ".join(f"{k}: {v.label}" for k, v in FORMATS.items()))
     s.add_argument("--quantized", action="store_const", const="fake-quant", dest="format", help="same as --format fake-quant")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (files of your own in its folder are kept)")
     s.add_argument("--calib", default=None, help="calibration corpus when the file's quantizer is calibrated (default: the file's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_export)
@@ -373,14 +383,16 @@ def add_export(sub) -> None:
 
 def cmd_export(a) -> int:
     from qroar.errors import ConfigError
-    from qroar.export import FORMATS, apply_scales, export
+    from qroar.export import FORMATS, apply_scales, check_export, export
 
+    preflight.check(a, "export")
     fmt = FORMATS[a.format]
+    check_export(a.format, a.out, a.overwrite)  # before loading the model and calibrating
     sf, wb = _open_for_scales(a)
     if fmt.needs_quantizer and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: choose --format hf (full precision).")
     apply_scales(wb, sf, quantize=fmt.needs_quantizer, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
-    path = export(wb, a.format, a.out, meta=sf.raw)
+    path = export(wb, a.format, a.out, meta=sf.raw, overwrite=a.overwrite)
     print(f"wrote {path} ({fmt.label}; PI {wb.pi.label()})")
     return 0
 
@@ -438,6 +450,7 @@ def cmd_diagnose(a) -> int:
     cfg = DiagConfig(bands=recipe.band_config(), capture_length=a.capture_length,
                      n_docs=a.n_docs, eps=a.eps, axis=not a.no_axis,
                      noise_layers=_ints(a.noise_layers, "--noise-layers"), ip_lengths=_ints(a.ip_lengths, "--ip-lengths"))
+    preflight.check(a, "diagnose")
     wb = open_workbench(a)
     apply_recipe(wb, replace(recipe, scales=None), a.quiet)
     res = run_diagnostics(wb, a.corpus, cfg, progress=ProgressBar(a.quiet))

@@ -167,17 +167,40 @@ def load_corpus(spec: str) -> list[Document]:
     return load_path(spec)
 
 
+_TOKENS: dict[tuple[str, str], torch.LongTensor] = {}  # (tokenizer, text) digests -> ids
+_TOKENS_MAX = 256  # documents kept; a corpus of ~60K-token documents is a few MB
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A digest of a `tokenizers` tokenizer's whole definition; None for others (not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    to_str = getattr(backend, "to_str", None)
+    return hashlib.sha256(to_str().encode()).hexdigest() if callable(to_str) else None
+
+
 def tokenize(docs: list[Document], tokenizer) -> list[torch.LongTensor]:
-    """Token ids of each document, without special tokens (no BOS/EOS)."""
+    """Token ids of each document, without special tokens (no BOS/EOS).
+
+    Cached per (tokenizer definition, text): the CLI's checks tokenize a corpus before the model
+    loads (qroar.preflight), and the run that follows gets the same ids without tokenizing again."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # HF fast tokenizers: skip the length warning
+    key = _tokenizer_key(tokenizer)
     out = []
     for doc in docs:
+        k = (key, hashlib.sha256(doc.text.encode()).hexdigest()) if key else None
+        if k in _TOKENS:
+            out.append(_TOKENS[k].clone())
+            continue
         if backend is not None:
             ids = backend.encode(doc.text, add_special_tokens=False).ids
         else:
             ids = tokenizer.encode(doc.text, add_special_tokens=False)
             ids = getattr(ids, "ids", ids)  # a bare `tokenizers.Tokenizer` returns an Encoding
         out.append(torch.tensor(ids, dtype=torch.long))
+        if k:
+            if len(_TOKENS) >= _TOKENS_MAX:
+                del _TOKENS[next(iter(_TOKENS))]
+            _TOKENS[k] = out[-1].clone()
     return out
 
 

@@ -2,23 +2,29 @@
 
 Every file is written atomically (a killed write leaves the old file or the new one, never half).
 
-Scales file (JSON, `schema_version` 1; see `scales_payload` for every key): model identity (name,
+Scales file (JSON, `schema_version` 2; see `scales_payload` for every key): model identity (name,
 source, fingerprint from models.fingerprint at load time, model_type, n_layers, n_heads,
 n_kv_heads, head_dim, rotary_dim), RoPE (the PI setting and the rope_parameters in force), the
 quantizer settings, band settings and edges, mode, order, the scales, and the search's objective,
 dev and held-out results when it came from a search; created_at and the qroar version.
 
-Folded checkpoint (`export_checkpoint`): safetensors + config (with the PI rope_parameters in
-force) + tokenizer, with the scales folded into the full-precision weights (for the user's own
-quantizer) or, with quantized=True, the fake-quantized scaled weights; written to a temporary
-folder beside the target and moved into place whole.
+Exports (`export(wb, fmt, path)`, one format per entry of FORMATS: hf, fake-quant, scales): the
+folded checkpoint is safetensors + config (with the PI rope_parameters in force) + tokenizer, with
+the scales folded into the full-precision weights (hf, for the user's own quantizer) or the
+fake-quantized scaled weights (fake-quant). Every format is built beside the target and moved into
+place whole; an earlier export (or file) is replaced only when asked (overwrite=True), and files of
+the user's in an earlier export folder are carried into the new one.
+
+Files and folders are created with the modes the user's umask gives (a replaced one keeps its own).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -33,12 +39,35 @@ KIND = "qroar-scales"
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, full: int) -> int:
+    """The mode `path` has if it exists (a replacement keeps it), else `full` (0o666 file, 0o777 folder) less the
+    umask, as open() and mkdir() would give; mkstemp and mkdtemp make 0600/0700, which surprises users who share."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return full & ~_umask()
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode_for(path, 0o666))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -278,38 +307,189 @@ def apply_scales(wb, sf: ScalesFile, quantize: bool = True, calib_corpus: str | 
     wb.apply(recipe, progress=progress, cancel=cancel)
 
 
-# ----------------------------------------------------------------------------- folded checkpoint
+# ----------------------------------------------------------------------------- exports: one safe way for every format
+
+RECORD = "qroar_scales.json"  # written last; its "export" key lists the files the export wrote
 
 
-def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None) -> Path:
-    """Write a Hugging Face folder with the scales folded in; returns its path.
+def _parked(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
 
-    quantized=False: full-precision weights with the scales folded in (quantize it with your own
-    tool). quantized=True: the fake-quantized scaled weights the workbench evaluates ("quant_scaled").
-    The config carries the PI rope_parameters in force; `qroar_scales.json` records the scales
-    (`meta`, e.g. the scales file it came from, or the workbench's own settings).
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive lock on folder `path` (the OS drops it when its process dies), or None when
+    another process holds it; OSError where the system or filesystem has no such locks."""
+    try:
+        import fcntl
+    except ImportError:
+        raise OSError("no file locks on this system") from None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Temporary folders that killed exports to `folder` left beside it (`.NAME.tmp-*` that no running export holds
+    locked); ConfigError while another export to `folder` is running."""
+    stale = []
+    for p in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*")):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fd = _try_lock(p)
+        except OSError:  # without locks a running export looks like a killed one: leave it
+            continue
+        if fd is None:
+            raise ConfigError(f"Another export to {folder} is running: wait for it to finish, or write elsewhere.")
+        os.close(fd)
+        stale.append(p)
+    return stale
+
+
+def _recorded_files(folder: Path) -> set[str] | None:
+    """The names an earlier export recorded as its own (qroar_scales.json's export.files); None if it recorded none."""
+    try:
+        files = json.loads((folder / RECORD).read_text(encoding="utf-8"))["export"]["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files) | {RECORD}
+
+
+def check_target(folder, overwrite: bool = False) -> list[str]:
+    """Check, changing nothing, that an export may write `folder`; returns the names of the user's own files in an
+    earlier export there (the export carries them into the new folder).
+
+    ConfigError when `folder` is a file, holds files but no qroar export, holds an earlier export and overwrite is
+    False, holds an export from a qroar that did not record its files, or another export to it is running.
     """
     folder = Path(folder)
-    if quantized and wb.qstate is None:
-        raise ConfigError("A quantized export needs a quantizer: set one (or export full precision).")
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "qroar_scales.json").exists())):
-        # the export replaces the folder whole: never someone's other files
+    _leftovers(folder)
+    old = _parked(folder)
+    here = old if not folder.exists() and old.is_dir() else folder  # a killed export parked the old one there
+    if not here.exists():
+        return []
+    if not here.is_dir():
+        raise ConfigError(f"{folder} is a file: choose a folder.")
+    names = sorted(p.name for p in here.iterdir())
+    if not names:
+        return []
+    if RECORD not in names:  # never someone's other files
         raise ConfigError(f"{folder} exists and is not an earlier qroar export; choose a new or empty folder.")
-    scaled = wb.scales is not None
-    variant = ("quant_scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    if not overwrite:
+        raise ConfigError(f"{folder} holds an earlier qroar export: ask to overwrite it (`qroar export --overwrite`, or "
+                          "Overwrite on the Export page; files of your own in it are kept), or choose another folder.")
+    ours = _recorded_files(here)
+    if ours is None:
+        raise ConfigError(f"{folder} holds an export from an older qroar that did not record which files are its own: "
+                          "move any files of yours out of it and delete it, or choose another folder.")
+    return [n for n in names if n not in ours]
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove what killed exports to `folder` left beside it; an old export parked between the two renames of a swap
+    goes back in place when no newer one made it there."""
+    for p in _leftovers(folder):
+        shutil.rmtree(p, ignore_errors=True)
+    old = _parked(folder)
+    if old.is_dir() and not old.is_symlink():
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, folder)
+
+
+def _link_or_copy(src, dst) -> None:
     try:
-        with wb.lock, wb.variant(variant) as model:
-            model.save_pretrained(tmp, safe_serialization=True)
-        if wb.tokenizer is not None:
-            wb.tokenizer.save_pretrained(tmp)
-        meta = dict(meta) if meta is not None else (scales_payload(wb, result) if scaled else {"scales": None})
-        meta["export"] = {"variant": variant, "quantized": quantized}
-        atomic_write_text(tmp / "qroar_scales.json", json.dumps(meta, indent=1, allow_nan=False))
-        return atomic_replace_dir(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.link(src, dst)  # no second copy of the data; the old folder stays whole until the swap
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put a user's file, link or folder from the old export into the new one."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def check_file_target(path, overwrite: bool = False) -> None:
+    """Check, changing nothing, that a one-file export may write `path`: ConfigError when it is a folder, when a file
+    is there and overwrite is False, or when another export to it is running."""
+    path = Path(path)
+    _leftovers(path)
+    if path.is_dir() or (not path.exists() and _parked(path).is_dir()):
+        raise ConfigError(f"{path} is a folder: give the name of the file to write.")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"{path} exists: ask to overwrite it (`qroar export --overwrite`, or Overwrite on the Export "
+                          "page), or choose another name.")
+    if path.exists() and not _written_by_qroar(path):
+        raise ConfigError(f"{path} is not a file qroar wrote (not a scales file): qroar never replaces it; choose "
+                          "another name.")
+
+
+def _written_by_qroar(path: Path) -> bool:
+    """A scales file: JSON with qroar's schema version and scales (the one kind of file a one-file export writes)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(raw, dict) and "schema_version" in raw and "scales" in raw
+
+
+def check_export(fmt: str, path, overwrite: bool = False) -> list[str]:
+    """Check, changing nothing, that format `fmt` may be written at `path` (call it before loading or calibrating a
+    model); returns the names of the user's own files that a folder export carries over."""
+    f = export_format(fmt)
+    if f.folder:
+        return check_target(path, overwrite)
+    check_file_target(path, overwrite)
+    return []
+
+
+def _follow_umask(folder: Path) -> None:
+    mask = _umask()
+    for p in folder.rglob("*"):  # some writers (safetensors' among them) make 0600 files
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _write_folder(f, wb, folder: Path, keep: list[str], fmt: str, tmp: Path, result, meta, options) -> Path:
+    """Build the folder in `tmp`, record its files, carry the user's files over, and swap it into place."""
+    os.chmod(tmp, _mode_for(folder, 0o777))
+    record = f.write(wb, tmp, result=result, meta=meta, **options)
+    _follow_umask(tmp)
+    written = sorted({p.name for p in tmp.iterdir()} | {RECORD})
+    clash = [n for n in keep if n in written]
+    if clash:
+        raise ConfigError(f"{folder} holds file(s) of yours that the new export would overwrite: {', '.join(clash)}; "
+                          "move them out of the folder (nothing was changed) and export again.")
+    record = dict(record or {})
+    record["export"] = {"format": fmt, **record.get("export", {}), "files": written}
+    atomic_write_text(tmp / RECORD, json.dumps(record, indent=1, allow_nan=False))
+    for name in keep:
+        _carry(folder / name, tmp / name)
+    return atomic_replace_dir(tmp, folder)
+
+
+def _write_file(f, wb, path: Path, tmp: Path, result, meta, options) -> Path:
+    """Write the file in `tmp` and move it into place in one rename (a replaced file keeps its mode)."""
+    built = tmp / path.name
+    f.write(wb, built, result=result, meta=meta, **options)
+    built.chmod(_mode_for(path, 0o666))
+    os.replace(built, path)
+    return path
 
 
 # ----------------------------------------------------------------------------- formats
@@ -317,10 +497,13 @@ def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: di
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One entry of FORMATS: a new file format is one function and one line there.
+    """One entry of FORMATS: a new format is one function and one line there; `export` gives it the checks, the
+    temporary beside the target, the umask's modes, overwrite only when asked, and the move into place.
 
-    write(wb, path, result=None, meta=None, **options) -> Path of what it wrote, from the workbench's
-    applied recipe. needs_quantizer: refuses a recipe without one. folder: writes a folder (else one file).
+    write(wb, path, result=None, meta=None, **options), from the workbench's applied recipe: a folder format writes its
+    files into the new, empty folder `path` and returns the dict that qroar_scales.json records (export() adds the
+    list of files under "export"); a file format writes the one file `path`. needs_quantizer: refuses a recipe
+    without one.
     """
 
     write: object
@@ -329,16 +512,30 @@ class ExportFormat:
     folder: bool = True
 
 
-def _write_scales(wb, path, result=None, meta=None, **options) -> Path:
-    return save_scales(path, wb, result)
+def _write_scales(wb, path, result=None, meta=None, **options) -> None:
+    save_scales(path, wb, result)
 
 
-def _write_hf(wb, path, result=None, meta=None, **options) -> Path:
-    return export_checkpoint(wb, path, quantized=False, result=result, meta=meta, **options)
+def _write_checkpoint(wb, folder, quantized: bool, result=None, meta=None) -> dict:
+    """safetensors + config (the PI rope_parameters in force) + tokenizer; the record holds `meta` (e.g. the scales
+    file it came from) or the workbench's own scales."""
+    scaled = wb.scales is not None
+    variant = ("quant_scaled" if quantized else "fp_scaled") if scaled else ("quant" if quantized else "fp")
+    with wb.lock, wb.variant(variant) as model:
+        model.save_pretrained(folder, safe_serialization=True)
+    if wb.tokenizer is not None:
+        wb.tokenizer.save_pretrained(folder)
+    record = dict(meta) if meta is not None else (scales_payload(wb, result) if scaled else {"scales": None})
+    record["export"] = {"variant": variant, "quantized": quantized}
+    return record
 
 
-def _write_fake_quant(wb, path, result=None, meta=None, **options) -> Path:
-    return export_checkpoint(wb, path, quantized=True, result=result, meta=meta, **options)
+def _write_hf(wb, path, result=None, meta=None, **options) -> dict:
+    return _write_checkpoint(wb, path, False, result, meta)
+
+
+def _write_fake_quant(wb, path, result=None, meta=None, **options) -> dict:
+    return _write_checkpoint(wb, path, True, result, meta)
 
 
 FORMATS: dict[str, ExportFormat] = {
@@ -349,12 +546,48 @@ FORMATS: dict[str, ExportFormat] = {
 }
 
 
-def export(wb, fmt: str, path, result=None, meta=None, **options) -> Path:
-    """Write the workbench's applied recipe in format `fmt` (a key of FORMATS)."""
+def export_format(fmt: str) -> ExportFormat:
     if fmt not in FORMATS:
         raise ConfigError(f"Unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-    f = FORMATS[fmt]
+    return FORMATS[fmt]
+
+
+def export(wb, fmt: str, path, result=None, meta=None, overwrite: bool = False, **options) -> Path:
+    """Write the workbench's applied recipe in format `fmt` (a key of FORMATS) at `path`; returns it.
+
+    Every format goes this one way. Nothing is written where `check_export` refuses: a folder holding anything but a
+    qroar export, a file or an earlier export without overwrite=True, a target another export is writing. Temporaries
+    that killed exports left beside `path` (`.NAME.tmp-*`, `.NAME.old`) are removed first. The export is built in a
+    locked `.NAME.tmp-*` folder beside `path` and moved into place whole. A folder format's qroar_scales.json records
+    the files it wrote ("export": {"files": [...]}): on overwrite only those go, anything else in the old folder
+    (notes, a quantized copy) is carried into the new one, and a file of the user's with a name the export writes
+    refuses the export, naming it, before the folder is touched.
+    """
+    f = export_format(fmt)
     if f.needs_quantizer and wb.qstate is None:
         raise ConfigError(f"The {fmt} format stores quantized weights, and no quantizer is set: choose a quantizer, "
                           "or the hf format for full precision.")
-    return f.write(wb, path, result=result, meta=meta, **options)
+    path = Path(path)
+    keep = check_export(fmt, path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        lock = _try_lock(tmp)  # marks this export as running: a later export's clean-up leaves it alone
+    except OSError:
+        lock = None
+    try:
+        if f.folder:
+            return _write_folder(f, wb, path, keep, fmt, tmp, result, meta, options)
+        return _write_file(f, wb, path, tmp, result, meta, options)
+    finally:
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_checkpoint(wb, folder, quantized: bool = False, result=None, meta: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """`export` in the hf format (full-precision weights with the scales folded in, for your own quantizer) or, with
+    quantized=True, fake-quant (the "quant_scaled" weights the workbench evaluates)."""
+    return export(wb, "fake-quant" if quantized else "hf", folder, result=result, meta=meta, overwrite=overwrite)

@@ -116,7 +116,43 @@ def resolve(name: str) -> tuple[Path | str, str]:
         return p, p.name
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise ModelError(f"Model path {name} does not exist: give a folder with config.json and weights, a preset ({', '.join(PRESETS)}), or a hub id.")
+    if "/" not in name:  # a hub id is owner/name: a bare unknown name is a typo, not worth a trip to the hub
+        raise ModelError(f"{not_found(name)} A Hugging Face hub model is named owner/name (e.g. HuggingFaceTB/SmolLM2-135M).")
+    if hub_offline() and not in_hub_cache(name):
+        raise ModelError(f"{not_found(name)} The hub is off ({', '.join(k for k in OFFLINE_ENV if _env_on(k))}) and {name} "
+                         "is not in the local hub cache: download it once online, or give its local folder.")
     return name, name  # a hub id: from_pretrained will try the hub (or its cache)
+
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _env_on(key: str) -> bool:
+    return os.environ.get(key, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set: no network attempt at all."""
+    return any(_env_on(k) for k in OFFLINE_ENV)
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """True when the hub cache holds this repository's config.json (it can load without the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id or an unreadable cache: not usable offline
+        return False
+
+
+def not_found(name: str) -> str:
+    """'X is not a preset or a local folder' with the presets and the nearest preset name."""
+    import difflib
+
+    near = difflib.get_close_matches(name.lower(), list(PRESETS), n=1, cutoff=0.6)
+    hint = f" Did you mean {near[0]}?" if near else ""
+    return f"{name} is not a preset or a local folder.{hint} Presets: {', '.join(PRESETS)}."
 
 
 # ----------------------------------------------------------------------------- checks before loading
@@ -359,7 +395,7 @@ def load_model(name: str, device: str | None = "auto", dtype: str | None = "auto
         if isinstance(src, Path):  # a local folder was found: its config.json is what failed
             raise ModelError(f"Could not read {display}/config.json ({str(e).splitlines()[0]}): "
                              "fix or replace the file.") from e
-        raise ModelError(f"Could not find {display}: not a preset, not a local folder, and not reachable on the hub ({str(e).splitlines()[0]}).") from e
+        raise ModelError(f"Could not find {display} on the hub ({str(e).splitlines()[0]}). {not_found(display)}") from e
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ModelError(f"{display} needs custom code from its repository (trust_remote_code). Turn it on only if you trust the source.")
     _check_config(config, display)

@@ -26,7 +26,7 @@ held-out documents (fp, quant, scaled per length), never on the dev set alone. O
 stability: fold i searches on the dev documents outside fold i; per-band mean and std of the
 chosen scales are reported.
 
-Racing (`race=True`, successive halving over documents). A band's candidates are first scored on
+Racing (`strategy="race"`, successive halving over documents). A band's candidates are first scored on
 the first dev document, then the survivors on more: rung r holds the first eta**r documents (then
 all). At each rung a candidate survives only if its objective on the documents seen so far beats
 the incumbent's (the band's current scale) on the same documents and its short-context guard holds
@@ -232,7 +232,8 @@ def add_search_args(p) -> None:
     g.add_argument("--heldout-corpus", default=base.heldout_corpus, help="documents the result is reported on")
     g.add_argument("--lengths", default=None, help="comma-separated context lengths (default: 1x,4x the trained context)")
     g.add_argument("--length-weights", default=None, help="comma-separated weights, one per length (default: proportional to length)")
-    g.add_argument("--max-windows", type=int, default=base.max_windows_per_doc, help="at most this many windows per document and length")
+    g.add_argument("--max-windows", type=int, default=base.max_windows_per_doc,
+                   help=f"at most this many windows per document and length (default {base.max_windows_per_doc}; 0 = every window)")
     g.add_argument("--batch-size", type=int, default=None)
     o = p.add_argument_group("search")
     o.add_argument("--strategy", default=base.strategy, choices=list(STRATEGIES),
@@ -263,7 +264,7 @@ def search_config_from_args(a, trained_context: int) -> SearchConfig:
     weights = numbers(a.length_weights, float, "--length-weights") if a.length_weights else None
     return SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=lengths, length_weights=weights,
                         guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
-                        max_windows_per_doc=a.max_windows, batch_size=a.batch_size, checkpoint=a.checkpoint,
+                        max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size, checkpoint=a.checkpoint,
                         k_folds=a.folds, nested=a.nested, strategy=a.strategy, race_eta=a.race_eta,
                         objective=a.objective, allow_invariant=a.allow_invariant)
 
@@ -273,10 +274,12 @@ def search_args(cfg: SearchConfig) -> list[str]:
     base, out = SearchConfig(), ["--lengths", ",".join(map(str, cfg.lengths))]
     if cfg.length_weights is not None:
         out += ["--length-weights", ",".join(repr(float(w)) for w in cfg.length_weights)]
-    for flag, name in (("--dev-corpus", "dev_corpus"), ("--heldout-corpus", "heldout_corpus"), ("--max-windows", "max_windows_per_doc"),
-                       ("--batch-size", "batch_size"), ("--strategy", "strategy"), ("--race-eta", "race_eta"),
-                       ("--objective", "objective"), ("--candidates", "n_candidates"), ("--sweeps", "sweeps"),
-                       ("--guard", "guard_tol"), ("--folds", "k_folds"), ("--checkpoint", "checkpoint")):
+    if cfg.max_windows_per_doc != base.max_windows_per_doc:
+        out += ["--max-windows", str(cfg.max_windows_per_doc or 0)]  # 0: every window (the CLI's default is a few)
+    for flag, name in (("--dev-corpus", "dev_corpus"), ("--heldout-corpus", "heldout_corpus"), ("--batch-size", "batch_size"),
+                       ("--strategy", "strategy"), ("--race-eta", "race_eta"), ("--objective", "objective"),
+                       ("--candidates", "n_candidates"), ("--sweeps", "sweeps"), ("--guard", "guard_tol"),
+                       ("--folds", "k_folds"), ("--checkpoint", "checkpoint")):
         v = getattr(cfg, name)
         if v != getattr(base, name) and v is not None:
             out += [flag, repr(v) if isinstance(v, float) else str(v)]
@@ -349,7 +352,8 @@ class Checkpoint:
 @dataclass
 class SearchResult:
     """scales: chosen per band. dev / heldout: one row per (variant, length): log_ppl, ppl, tokens.
-    objective: weighted objective per (split, variant). history: every candidate tried."""
+    objective: weighted objective per (split, variant). history: every candidate tried, with the
+    incumbent's objective and the unscaled model's short log-ppl on the same documents."""
 
     scales: list[float]
     scale_cfg: ScaleConfig
@@ -369,6 +373,13 @@ class SearchResult:
     reused: int = 0  # taken from the checkpoint
     doc_evaluations: int = 0  # documents evaluated in this run (one forward each per window and length; nested: per window)
     seconds: float = 0.0
+    budget: int = 0  # the most the progress announced, in `unit`
+    unit: str = "evaluations"  # what the progress counted (Strategy.unit): racing counts document evaluations
+
+    @property
+    def spent(self) -> int:
+        """What this run computed, in `unit` (never more than `budget`)."""
+        return self.doc_evaluations if self.unit == "document evaluations" else self.evaluations
 
     @property
     def gain_is_noise(self) -> bool:
@@ -392,8 +403,8 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
-            "doc_evaluations": self.doc_evaluations, "noise_scales": self.noise_scales, "recipe": self.recipe,
-            "search_cfg": self.search_cfg,
+            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit,
+            "noise_scales": self.noise_scales, "recipe": self.recipe, "search_cfg": self.search_cfg,
         }
 
 
@@ -401,7 +412,7 @@ class SearchResult:
 
 
 class SearchRun:
-    """One search's shared state: workbench, eval settings, checkpoint, progress and ETA."""
+    """One search's shared state: workbench, eval settings, checkpoint, progress counts."""
 
     def __init__(self, wb, cfg: SearchConfig, ck: Checkpoint, total: int, progress, cancel, scaled: str, base: str,
                  parallel=None):
@@ -418,19 +429,19 @@ class SearchRun:
             self.eval_short, self.eval_rest = self.eval_all, None
         self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
         self.doc_evals = 0
+        strategy = STRATEGIES[cfg.strategy]
+        self.unit, self.bound = strategy.unit, "at most " if strategy.per_document else ""
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
         self.measure = OBJECTIVES[cfg.objective].measure  # what each entry records per length besides log-ppl
         self.reference = None  # the KL objective's FP reference (fidelity.FPReference), made on first use
         self.scaled, self.base = scaled, base
-        self.t0, self.fresh_seconds = time.time(), 0.0
+        self.fresh_seconds = 0.0  # computing time of this run's fresh evaluations
         self.parallel = parallel  # qroar.distributed.Ranks (map over processes) or None
         self.gathered: set[str] = set()  # keys computed by the processes of `parallel` in this run
 
     def _report(self, msg: str) -> None:
-        frac = min(self.done / self.total, 1.0)
-        per = self.fresh_seconds / self.fresh if self.fresh else float("nan")
-        eta = per * (self.total - self.done)
-        self.progress(frac, f"{msg} (eta {eta:.0f}s)" if math.isfinite(eta) else msg)
+        # the count and its announced total in one unit; the time left is the progress bar's to say
+        self.progress(min(self.done / self.total, 1.0), f"{self.done} of {self.bound}{self.total} {self.unit} · {msg}")
 
     def _check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -597,7 +608,8 @@ def _race_band(run: SearchRun, fold: str, docs, current: list[float], b: int, gs
             e = run.entry(sub, trial, f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g} on {n} documents")
             ok = e["short_log_ppl"] <= limit
             rows[g] = dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"] if ok else None,
-                           short_log_ppl=e["short_log_ppl"], guard_ok=ok, docs=n)
+                           short_log_ppl=e["short_log_ppl"], guard_ok=ok, docs=n,
+                           incumbent_objective=inc["objective"], unscaled_short_log_ppl=base["short_log_ppl"])
             if ok and e["objective"] < inc["objective"]:
                 scored.append((e["objective"], g))
         scored.sort()
@@ -645,7 +657,8 @@ def descend_grid(run: SearchRun, fold: str, docs, cands: list[list[float]], hist
             for g, e in zip(gs, entries):
                 better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
                 history.append(dict(fold=fold, sweep=sweep, band=b, g=g, objective=e["objective"],
-                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids)))
+                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids),
+                                    incumbent_objective=best["objective"], unscaled_short_log_ppl=base["short_log_ppl"]))
                 if better:
                     best, keep = e, g
             current[b] = keep
@@ -665,7 +678,8 @@ class Strategy:
     descend(run, fold, docs, candidates, history) -> (scales, best entry, unscaled entry); the run
     evaluates scale vectors (run.evaluate / run.entry) and keeps the checkpoint.
     budget(n_docs, candidates per band, cfg) -> the most work units it can spend; `per_document`:
-    the units are single documents (else scale vectors on every document).
+    the units are single documents (else scale vectors on every document), and the budget is only a
+    bound (stopping early is the point); progress counts in `unit` against it.
     """
 
     descend: Callable
@@ -673,6 +687,10 @@ class Strategy:
     per_document: bool
     label: str
     spreads: bool = True  # can spread candidates over processes (qroar.distributed)
+
+    @property
+    def unit(self) -> str:
+        return "document evaluations" if self.per_document else "evaluations"
 
 
 @dataclass(frozen=True)
@@ -757,6 +775,17 @@ def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFr
     return pd.DataFrame(rows), obj
 
 
+def search_budget(cfg: SearchConfig, n_dev: int, n_held: int, per_band: list[int]) -> int:
+    """The most work a search can spend, in its strategy's unit (what its progress counts against): the
+    descent on every dev document and on each fold's, then the dev tables (fp, quant; the scaled one is
+    known) and the held-out ones (fp, quant, scaled)."""
+    strategy = STRATEGIES[cfg.strategy]
+    total = strategy.budget(n_dev, per_band, cfg)
+    for k in range(cfg.k_folds):
+        total += strategy.budget(sum(1 for i in range(n_dev) if i % cfg.k_folds != k), per_band, cfg)
+    return total + (2 * n_dev + 3 * n_held if strategy.per_document else 6)
+
+
 def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str], None] | None = None,
            cancel: threading.Event | None = None, parallel=None) -> SearchResult:
     """Find per-band scales for the workbench's model under its PI and quantizer (module docstring).
@@ -796,9 +825,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         strategy = STRATEGIES[cfg.strategy]
         if not strategy.spreads and parallel is not None and parallel.world_size > 1:
             raise ConfigError(f"The {cfg.strategy} strategy runs in one process: choose another to spread the search over processes.")
-        per_band = [len(c) - 1 for c in cands]
-        total = strategy.budget(len(dev.doc_ids), per_band, cfg)
-        total += 2 * len(dev.doc_ids) + 3 * len(held.doc_ids) if strategy.per_document else 6  # fp, quant, scaled tables
+        total = search_budget(cfg, len(dev.doc_ids), len(held.doc_ids), [len(c) - 1 for c in cands])
         run = SearchRun(wb, cfg, ck, total, progress, cancel, scaled, base, parallel)
         prior = wb.recipe
         history: list[dict] = []
@@ -824,7 +851,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             noise_scales, scales = [float(g) for g in scales], [1.0] * len(scales)
         wb.apply(wb.recipe.with_scales(scales))
         if strategy.per_document and progress is not None:
-            progress(1.0, f"done: {run.fresh} evaluations")  # the budget is an upper bound racing rarely spends
+            progress(1.0, f"done: {run.done} of at most {run.total} {run.unit}")  # an upper bound racing rarely spends
     folds = None
     if cfg.k_folds:
         f = pd.DataFrame(fold_rows)
@@ -832,12 +859,13 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
     return SearchResult(
         scales=[float(g) for g in scales], scale_cfg=wb.scale_cfg, windows=win_table, candidates=cands,
-        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs"]),
+        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs",
+                                               "incumbent_objective", "unscaled_short_log_ppl"]),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
         note=note, noise_scales=noise_scales, recipe=wb.recipe.to_dict(), search_cfg=cfg.to_dict(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"quant_scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
-        doc_evaluations=run.doc_evals,
+        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit,
     )
 
 

@@ -162,7 +162,7 @@ def race(wb, a) -> tuple[dict, str]:
     for bits in _setups(wb, a):
         for raced in (False, True):
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
-                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, race=raced, nested=a.nested)
+                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, strategy="race" if raced else "grid", nested=a.nested)
             t = time.perf_counter()
             r = search(wb, cfg)
             wb.set_scales(None)

@@ -1,9 +1,23 @@
 """Shared fixtures: tiny random-weight RoPE models built from configs (no download)."""
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """QROAR_SKIP_BROWSER=1 (README, quick start) skips the tests marked `browser`, which drive Chromium."""
+    if os.environ.get("QROAR_SKIP_BROWSER", "") in ("", "0"):
+        return
+    # a skipif on the test itself is read before the module's "no Chromium" one, so this reason is the one shown
+    skip = pytest.mark.skipif(True, reason="QROAR_SKIP_BROWSER is set: browser tests skipped (unset it to run them; "
+                              "`make chromium` installs Debian's Chromium)")
+    for item in items:
+        if item.get_closest_marker("browser") is not None:
+            item.add_marker(skip)
 
 
 def tiny_llama(**overrides):

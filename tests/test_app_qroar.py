@@ -2,6 +2,7 @@
 and the app-side engine helpers they use."""
 
 import json
+import re
 import string
 
 import pytest
@@ -130,6 +131,12 @@ def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path
     r = job.result
     assert len(r.history) == 4 * 4 and set(r.history.docs) <= {1, 3} and (r.history.docs == 1).any()
     assert at.dataframe[0].value["length"].tolist() == [64, 128]
+    # the count is in the unit the progress announced (document evaluations), under its bound
+    m = next(x for x in at.metric if x.label == "Document evaluations")
+    spent, bound = map(int, re.fullmatch(r"(\d+) of at most (\d+)", m.value).groups())
+    assert spent == r.doc_evaluations <= bound == r.budget
+    assert "Search over 4 bands" in job.label and "evaluations" not in job.label
+    assert any("on the same documents" in c.value for c in at.caption)  # how the trace compares candidates
 
 
 # ----------------------------------------------------------------------------- Export
@@ -167,6 +174,17 @@ def test_export_previews_the_current_scales_downloads_and_folds_them_into_a_chec
             w_old = getattr(original.model.layers[1].self_attn, proj).weight[rows]
             torch.testing.assert_close(w_new, g * w_old, rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "out" / "qroar_scales.json").read_text())["scales"] == scales
+
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # exporting again: refused unless Overwrite is on
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    assert any("earlier qroar export" in e.value for e in at.error), [e.value for e in at.error]
+    at.toggle(key="w:export.overwrite").set_value(True).run()
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    ok(at)
+    assert any(str(tmp_path / "out") in s.value for s in at.success) and not at.error
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
 def test_importing_a_scales_file_sets_the_session_and_a_malformed_one_shows_an_error(tiny_dir):

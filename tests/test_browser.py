@@ -7,24 +7,13 @@ scales file, check it), Report (download the HTML). A screenshot of each step go
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+from browser_kit import CHROMIUM, JOB, ROOT, STEP, browser_page, curve, go, idle, ok, plots, remove_chips, serve
+
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-VIEWPORT = {"width": 1440, "height": 900}
-STEP = 30_000  # ms: a page or a widget (two shared CPU cores)
-JOB = 150_000  # ms: a computation on the worker
 
 pytestmark = [
     pytest.mark.browser,
@@ -34,113 +23,24 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    """`streamlit run app/main.py` on a free local port, in its own process group (killed whole at teardown)."""
-    port = _free_port()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while not _healthy(url):
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the app did not start (exit code {proc.poll()}); see {ARTIFACTS / 'server.log'}")
-            time.sleep(0.3)
+    with serve(ARTIFACTS / "server.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
 
 
 @pytest.fixture
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
-        context.set_default_timeout(STEP)
-        pg = context.new_page()
-        try:
-            yield pg
-        finally:
-            context.close()
-            browser.close()
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def idle(pg, timeout_s: float = STEP / 1000) -> None:
-    """Wait until the script run has finished: no 'running' status widget and no skeleton for ~0.6 s."""
-    deadline, quiet = time.time() + timeout_s, 0
-    while quiet < 3:
-        if time.time() > deadline:
-            raise TimeoutError(f"the app was still running after {timeout_s:.0f} s")
-        busy = pg.evaluate("() => !!document.querySelector('[data-testid=\"stStatusWidget\"], [data-testid=\"stSkeleton\"]')")
-        quiet = 0 if busy else quiet + 1
-        pg.wait_for_timeout(200)
+    with browser_page() as pg:
+        yield pg
 
 
 def shot(pg, name: str) -> None:
     pg.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
-def go(pg, title: str) -> None:
-    """Open a page from the sidebar and wait for its title."""
-    pg.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
-    pg.get_by_role("heading", name=title, level=1).wait_for()
-    idle(pg)
-
-
-def plots(pg) -> list[dict]:
-    """Every Plotly figure on the page as drawn (plotly.js's decoded _fullData): trace name, type, values."""
-    return pg.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(el => ({
-        traces: (el._fullData || []).map(t => ({
-            name: t.name || '', type: t.type || 'scatter',
-            n: Array.from(t.z || t.y || t.x || []).length,
-            y: Array.from(t.y || []).map(Number)}))}))""")
-
-
-def scaled_curve(pg, differs_from: list | None = None, timeout_s: float = JOB / 1000) -> list[float]:
-    """The y values of the PTQ + scales trace once drawn (and, if given, once they differ from `differs_from`)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        ys = [t["y"] for f in plots(pg) for t in f["traces"] if t["name"] == "PTQ + scales"]
-        if ys and ys[0] and (differs_from is None or ys[0] != differs_from):
-            idle(pg)
-            return ys[0]
-        pg.wait_for_timeout(500)
-    raise TimeoutError(f"no {'new ' if differs_from else ''}PTQ + scales curve after {timeout_s:.0f} s")
-
-
-def ok(pg) -> None:
-    """No exception box and no failed job on the page."""
-    assert pg.get_by_test_id("stException").count() == 0, pg.get_by_test_id("stException").first.inner_text()
+def scaled_curve(pg, differs_from=None):
+    return curve(pg, "PTQ + scales", differs_from)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -171,9 +71,7 @@ def walk(pg, app_url: str) -> None:
     pg.get_by_role("button", name="Model loaded").wait_for(timeout=JOB)
     idle(pg)
     pg.get_by_text("Trained context").first.wait_for()
-    for chip in ("1K (4x)", "2K (8x)"):  # two short lengths keep every perplexity run quick on two cores
-        pg.get_by_role("button", name=f"Remove {chip}").click()
-        idle(pg)
+    remove_chips(pg, "1K (4x)", "2K (8x)")  # two short lengths keep every perplexity run quick on two cores
     chips = pg.get_by_test_id("stMultiSelect").inner_text()
     assert "256 (1x)" in chips and "512 (2x)" in chips and "1K" not in chips, chips
     ok(pg)

@@ -321,7 +321,7 @@ def test_failed_folder_export_keeps_the_old_folder_whole(wb, tmp_path, monkeypat
 
     monkeypatch.setattr(wb.tokenizer, "save_pretrained", disk_full)  # after the weights, before the move
     with pytest.raises(OSError, match="No space left"):
-        export.export_checkpoint(wb, out)
+        export.export_checkpoint(wb, out, overwrite=True)
     assert tree_hash(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 

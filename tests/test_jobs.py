@@ -1,5 +1,6 @@
 """The app's job queue and model cache: FIFO, no interleaving, cancel, progress/ETA, failures, owners."""
 
+import re
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.engine import (  # noqa: E402
     Backend, LoadedModel, ModelCache, ModelKey, Sessions, default_group_size, group_size_options,
 )
-from app.jobs import CANCELLED, DONE, FAILED, JobQueue, format_seconds  # noqa: E402
+from app.jobs import CANCELLED, DONE, FAILED, JobQueue, format_seconds, panel_text  # noqa: E402
 from qroar.errors import Cancelled, ConfigError  # noqa: E402
 
 
@@ -89,25 +90,67 @@ def test_cancel_running_job_stops_it_and_cancel_queued_job_never_runs(q):
     assert not q.cancel(running.id)  # already finished
 
 
-def test_progress_and_eta_follow_the_reported_rate(q):
-    release = threading.Event()
+def test_time_left_follows_the_pace_of_the_work_not_of_the_start_up(q):
+    """Half the bar is start-up (a cached model: instant); then 5% per 0.3 s. The time left is the
+    work's pace times what is left (about 1.8 s at 70%), not elapsed * (1 - p) / p (0.5 s)."""
+    release, steps = threading.Event(), threading.Event()
 
     def fn(progress, cancel):
-        time.sleep(0.4)
-        progress(0.25, "quarter")
+        progress(0.5, "start-up done")
+        for i in range(1, 5):
+            time.sleep(0.3)
+            progress(0.5 + 0.05 * i, f"step {i}")
+        steps.set()
         release.wait(5)
         return "ok"
 
+    fn.work_from = 0.5
     job = q.submit("k", "a", fn)
-    deadline = time.time() + 5
-    while job.progress < 0.25 and time.time() < deadline:
-        time.sleep(0.01)
-    assert job.progress == 0.25 and job.message == "quarter"
-    # a quarter done after `elapsed` seconds: three times that is left
-    assert job.eta == pytest.approx(3 * job.elapsed, rel=0.1)
+    assert steps.wait(5)
+    assert job.progress == pytest.approx(0.7) and job.message == "step 4"
+    left = job.eta
+    assert left is not None and 1.2 < left < 2.0
+    bar, caption = panel_text(job)
+    assert bar.endswith("step 4") and caption.endswith(f"about {format_seconds(left)} left")
     release.set()
     q.wait(job.id, 5)
     assert job.eta is None and job.progress == 1.0
+
+
+def test_search_job_panel_shows_one_time_left_figure(q, tmp_path, one_thread):
+    """A racing search through the queue: at every report the panel has one time-left figure, in its
+    caption; the search's own messages carry none (they used to add "(eta 1870s)")."""
+    from conftest import save_tiny
+    from test_search import RTN, WINDOWS, cfg_for, make_corpus
+
+    from qroar.bands import BandConfig
+    from qroar.rope import PIConfig
+    from qroar.search import search
+    from qroar.workbench import Workbench
+
+    corpus = make_corpus(tmp_path)
+    wb = Workbench.open(save_tiny(tmp_path / "m"), device="cpu", dtype="fp32")
+    wb.set_pi(PIConfig("linear", 2.0))
+    wb.set_quant(RTN)
+    wb.set_bands(BandConfig(n_bands=4))
+    submitted, seen = threading.Event(), []
+    holder = {}
+
+    def fn(progress, cancel):
+        submitted.wait(5)
+
+        def report(f, m):
+            progress(f, m)
+            seen.append(panel_text(holder["job"]))
+        return search(wb, cfg_for(corpus, strategy="race"), WINDOWS, progress=report, cancel=cancel)
+
+    holder["job"] = q.submit("search", "a", fn, label="Search over 4 bands, racing")
+    submitted.set()
+    q.wait(holder["job"].id, 120)
+    assert holder["job"].status == DONE and len(seen) > 10
+    for bar, caption in seen:
+        assert len(re.findall(r"\beta\b|\bleft\b", f"{bar} {caption}")) == 1, (bar, caption)
+        assert re.search(r"(estimating time left|about \d+ (min \d+ )?s left)$", caption), caption
 
 
 def test_user_error_is_captured_with_its_message_and_a_bug_keeps_the_worker_alive(q):

@@ -136,6 +136,21 @@ def test_commands_parse_back_to_the_session_settings(session):
     assert [tuple(map(float, w.split(":"))) for w in s.windows.split(",")] == [(0.9, 1.1), (0.85, 1.2), (0.8, 1.25), (0.8, 1.25)]
 
 
+def test_commands_for_every_window_say_so_to_the_cli():
+    """The CLI's default is a few windows per document: a session that used all of them says --max-windows 0."""
+    from qroar import preflight
+    from qroar.search import search_args, search_config_from_args
+
+    every = EvalConfig(lengths=(32,), max_windows_per_doc=None).to_dict()
+    settings = report.ReportSettings(model={"name": "qroar-tiny"}, recipe=Recipe(pi=PI, quant=QUANT).to_dict(), corpus="c",
+                                     eval=every)
+    e = _parse(report.eval_command(settings))
+    cfg = SearchConfig(lengths=(32,), max_windows_per_doc=None)
+    s = cli.build_parser().parse_args(["search", *search_args(cfg)])
+    assert e.max_windows == s.max_windows == 0 and preflight.max_windows(e.max_windows) is None
+    assert search_config_from_args(s, 64) == cfg
+
+
 def test_eval_command_reproduces_the_session_perplexity(session, capsys):
     results, settings, tmp = session
     out = tmp / "reproduced"

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 import threading
 
 import pandas as pd
@@ -16,7 +17,7 @@ from qroar.perplexity import EvalConfig, weighted_objective
 from qroar.quant import QuantConfig
 from qroar.rope import PIConfig
 from qroar.rescale import ScaleConfig
-from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, windows_for
+from qroar.search import SearchConfig, candidates, check_windows, derive_windows, search, search_budget, windows_for
 from qroar.workbench import Workbench
 
 RTN = QuantConfig(method="rtn", bits=3, group_size=32)
@@ -134,7 +135,17 @@ def test_search_descends_guards_and_reports_on_heldout(setup):
     assert set(r.heldout.variant) == {"fp", "quant", "quant_scaled", "fp_scaled"} and set(r.heldout.length) == {32, 96}
     assert r.note is None and wb.scales.tolist() == r.scales
     fr = [f for f, _ in seen]
-    assert fr == sorted(fr) and fr[-1] == pytest.approx(1.0) and any("eta" in m for _, m in seen)
+    assert fr == sorted(fr) and fr[-1] == pytest.approx(1.0)
+    # each message counts evaluations against the announced total and names no time (the bar owns that)
+    counts = [re.match(r"(\d+) of (\d+) evaluations · ", m) for _, m in seen]
+    assert all(counts) and {int(c[2]) for c in counts} == {r.budget} and int(counts[-1][1]) == r.budget
+    assert not any(re.search(r"\beta\b|\bleft\b", m) for _, m in seen)
+    # the grid's incumbent is the best so far, on all documents
+    best = obj["quant"]
+    for row in r.history.itertuples():
+        assert row.incumbent_objective == best and row.docs == 4
+        if row.guard_ok and row.objective < best:
+            best = row.objective
 
 
 def test_guard_rejects_candidates_that_hurt_short_context(setup):
@@ -239,6 +250,62 @@ def test_racing_spends_less_and_its_choice_checks_out(setup):
         if g != 1.0:
             assert r.history.query("band == @b and g == @g").docs.iloc[0] == 4
     assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_racing_progress_never_counts_past_its_announced_total(setup, one_thread):
+    """Racing counts document evaluations: every message says how many of at most how many, the count
+    never passes that bound, and the result reports the same count in the same unit."""
+    wb, corpus, _ = setup
+    seen = []
+    cfg = cfg_for(corpus, strategy="race", k_folds=2)
+    r = search(wb, cfg, WINDOWS, progress=lambda f, m: seen.append(m))
+    # the bound the CLI's plan line prints before the model loads is the one the run counts against
+    n_dev, n_held = len(wb.corpus(cfg.dev_corpus).doc_ids), len(wb.corpus(cfg.heldout_corpus).doc_ids)
+    assert search_budget(cfg, n_dev, n_held, [len(c) - 1 for c in r.candidates]) == r.budget
+    counts = [re.search(r"(\d+) of at most (\d+) document evaluations", m) for m in seen]
+    assert seen and all(counts), [m for m, c in zip(seen, counts) if not c]
+    totals = {int(c[2]) for c in counts}
+    assert totals == {r.budget} and all(int(c[1]) <= r.budget for c in counts)
+    assert r.unit == "document evaluations" and r.spent == r.doc_evaluations == int(counts[-1][1]) <= r.budget
+    assert not any(re.search(r"\beta\b|\bleft\b", m) for m in seen)
+
+
+def _incumbent_on(wb, docs, scales, cfg):
+    """Independent check: (objective, shortest length's log-ppl) of `scales` on `docs`."""
+    wb.set_scales(scales)
+    logp = wb.evaluate(docs, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=cfg.max_windows_per_doc), "quant_scaled").log_ppl()
+    return weighted_objective(logp, cfg.weights()), logp[min(cfg.lengths)]
+
+
+def test_racing_trace_compares_each_candidate_with_the_incumbent_on_the_same_documents(setup, one_thread):
+    """A candidate dropped after 1 or 3 documents is compared with the incumbent on those documents, not
+    with the all-documents baseline; the trace chart draws exactly that change, marker size by documents."""
+    from app import qroar_charts as qc
+
+    wb, corpus, _ = setup
+    cfg = cfg_for(corpus, strategy="race")
+    r = search(wb, cfg, WINDOWS)
+    h = r.history
+    assert set(h.docs) == {1, 3, 4}
+    dev = wb.corpus(corpus["dev"])
+    for (b, n), rows in h.groupby(["band", "docs"]):
+        incumbent = list(r.scales[:b]) + [1.0] * (4 - b)  # one sweep: the bands before b are settled
+        obj, _ = _incumbent_on(wb, dev.subset(dev.doc_ids[:n]), incumbent, cfg)
+        _, short = _incumbent_on(wb, dev.subset(dev.doc_ids[:n]), [1.0] * 4, cfg)
+        assert rows.incumbent_objective.tolist() == pytest.approx([obj] * len(rows), abs=1e-9)
+        assert rows.unscaled_short_log_ppl.tolist() == pytest.approx([short] * len(rows), abs=1e-9)
+    base_short = float(r.dev.query("variant == 'quant' and length == 32").log_ppl.iloc[0])
+    fig = qc.trace_figure(h, r.objective["dev"]["quant"], base_short, cfg.guard_tol, r.scales)
+    ok = h[h.guard_ok.astype(bool)]
+    top = fig.data[0]
+    assert top.name == "sweep 1" and [int(c[2]) for c in top.customdata] == ok.docs.tolist()
+    want = [100 * (math.exp(o - i) - 1) for o, i in zip(ok.objective, ok.incumbent_objective)]
+    assert list(top.y) == pytest.approx(want, abs=1e-9)
+    sizes = dict(zip(ok.docs, top.marker.size))  # more documents, larger marker
+    assert len(sizes) > 1 and [sizes[n] for n in sorted(sizes)] == sorted(sizes.values())
+    chosen = [t for t in fig.data if t.name == "chosen"]
+    if any(g != 1.0 for g in r.scales):  # a chosen candidate beat its incumbent on every document
+        assert chosen and all(y < 0 for y in chosen[0].y)
 
 
 def test_racing_resumes_from_its_checkpoint(setup):

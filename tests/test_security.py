@@ -88,7 +88,7 @@ def test_an_export_never_replaces_a_folder_of_other_files(wb, tmp_path):
         check_export_folder(str(home))
     assert (home / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in tmp_path.iterdir()) == ["home", "model"]
     out = export_checkpoint(wb, tmp_path / "export")
-    assert export_checkpoint(wb, out) == out  # an earlier export is replaced whole
+    assert export_checkpoint(wb, out, overwrite=True) == out  # an earlier export is replaced only when asked
 
 
 class Payload:
