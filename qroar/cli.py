@@ -537,8 +537,9 @@ def cmd_fidelity(a) -> int:
     if a.nopi and recipe.pi.rope_type == "default":
         raise ConfigError("--nopi compares with FP without PI, but no PI is set (--pi default): there is no such "
                           "reference beside FP itself. Set --pi or drop --nopi.")
+    preflight.check(a, "fidelity")  # model name, group size, corpus, lengths the documents can fill, the plan
     lengths = _ints(a.lengths, "--lengths")
-    kw = dict(max_windows_per_doc=a.max_windows or None, max_docs=a.max_docs or None, chunk=a.chunk,
+    kw = dict(max_windows_per_doc=a.max_windows, max_docs=a.max_docs or None, chunk=a.chunk,
               precision=a.precision, nopi=a.nopi, per_octave=a.per_octave)
     fidelity.FidelityConfig(lengths=lengths or (2,), **kw)  # malformed settings fail before the model loads
     wb = open_workbench(a)
@@ -599,6 +600,7 @@ def cmd_retrieval(a) -> int:
     if a.depths:
         kw["depths"] = _floats(a.depths, "--depths")
     cfg = retrieval.RetrievalConfig(**({"lengths": lengths} if lengths else {}), **kw)  # bad settings fail before the load
+    preflight.check(a, "retrieval")  # model name, group size, a corpus long enough for the haystacks, the plan
     wb = open_workbench(a)
     tc = wb.info.trained_context
     if not lengths:

@@ -552,7 +552,63 @@ def search_plan(cfg, dev_sizes, held_sizes, per_band: list[int], bos: bool, quan
     return SearchPlan(budget, strategy.unit, n_dev, evals, dev, n_held, held)
 
 
-CHECKS = {"eval": check_eval, "apply": check_apply, "export": check_export, "diagnose": check_diagnose, "search": check_search}
+def check_fidelity(a) -> None:
+    from qroar.recipe import Recipe
+
+    recipe = Recipe.from_args(a)
+    lengths = parse_lengths(a.lengths)
+    a.max_windows = max_windows(a.max_windows)
+    if a.max_docs is not None and (not isinstance(a.max_docs, int) or a.max_docs < 0):
+        raise ConfigError(f"--max-docs must be a positive number of documents, or 0 for all; got {a.max_docs!r}.")
+    docs = read_corpus(a.corpus)
+    spec = read_model(a.model)
+    _recipe_quant(recipe, spec)
+    if lengths is None and spec is not None and spec.trained_context:
+        lengths = tuple(spec.trained_context * k for k in (1, 4, 8))
+    toks = tokens_of(a.corpus, docs, spec)
+    if lengths is None or toks is None:
+        return
+    lengths, warnings = fit_lengths(lengths, [toks], spec.bos)
+    for w in warnings:
+        _say(a, f"warning: {w}", sys.stderr)
+    a.lengths = ",".join(map(str, lengths))
+    L = max(lengths)  # windows are cut at the longest length; the others are their prefixes
+    counts = [c for c in (windows_count(n, L, spec.bos, None, a.max_windows) for n in toks.sizes) if c]
+    forwards = [(sum(counts[:a.max_docs or None]), L)]
+    # FP and each variant (quant with a quantizer; quant_scaled and fp_scaled with scales); --nopi: one more, shorter
+    passes = 1 + recipe.quantized + (recipe.scales is not None) * (1 + recipe.quantized)
+    secs = estimate_seconds(spec, forwards * passes, a.device)
+    _say(a, plan_line(f"fidelity, {passes} forwards per window{' (+ FP without PI)' if a.nopi else ''}", forwards,
+                      passes, secs))
+
+
+def check_retrieval(a) -> None:
+    from qroar.recipe import Recipe
+
+    recipe = Recipe.from_args(a)
+    lengths = parse_lengths(a.lengths)
+    spec = read_model(a.model)
+    _recipe_quant(recipe, spec)
+    if lengths is None and spec is not None and spec.trained_context:
+        lengths = tuple(spec.trained_context * k for k in (1, 2, 4))
+    if a.haystack == "corpus":
+        toks = tokens_of(a.corpus, read_corpus(a.corpus), spec)
+        if toks is not None and lengths and max(toks.sizes, default=0) < max(lengths):
+            doc, n = toks.longest() if toks.sizes else ("(none)", 0)
+            raise DataError(f"A haystack of up to {max(lengths)} tokens needs a document that long; the longest of "
+                            f"{a.corpus}, {doc!r}, has {n} tokens. Use shorter --lengths, another corpus or --haystack filler.")
+    if lengths is None or spec is None:
+        return
+    n_depths = len([x for x in (a.depths or "0,0.25,0.5,0.75,1").split(",") if x.strip()])
+    variants = 1 + recipe.quantized + (recipe.scales is not None) * (1 + recipe.quantized)
+    forwards = [(n_depths * a.trials, L) for L in lengths]
+    secs = estimate_seconds(spec, forwards * variants, a.device)
+    _say(a, plan_line(f"passkey retrieval, {variants} variant{'s' * (variants != 1)}"
+                      f"{' (+ greedy generation)' if a.generate else ''}", forwards, variants, secs))
+
+
+CHECKS = {"eval": check_eval, "apply": check_apply, "export": check_export, "diagnose": check_diagnose, "search": check_search,
+          "fidelity": check_fidelity, "retrieval": check_retrieval}
 
 
 def check(a, command: str) -> None:

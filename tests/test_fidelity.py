@@ -252,3 +252,14 @@ def test_qroar_fidelity_command_on_the_embedded_model(tmp_path):
     assert csv[0].startswith("reference,variant,pos_lo,pos_hi,in_trained") and len(csv) > 5
     bad = _qroar("fidelity", "--model", "qroar-tiny", "--quant", "none")
     assert bad.returncode == 2 and bad.stderr.startswith("error: Nothing to compare")
+
+
+def test_fidelity_inputs_are_checked_before_the_model_loads(capsys):
+    from qroar.cli import main
+
+    assert main(["fidelity", "--model", "qroar-tiny", "--quant", "rtn", "--group-size", "100", "--quiet"]) == 2
+    assert "does not divide the input width 384" in capsys.readouterr().err
+    assert main(["fidelity", "--model", "qroar-tiny", "--variants", "fp_scaled", "--quiet"]) == 2
+    assert "variant fp_scaled needs --scales" in capsys.readouterr().err
+    assert main(["fidelity", "--model", "qroar-tiny", "--lengths", "1000000", "--quiet"]) == 2
+    assert "longer than every document" in capsys.readouterr().err

@@ -251,3 +251,12 @@ def test_qroar_retrieval_command_on_the_embedded_model(tmp_path):
     short = subprocess.run([*cmd, "retrieval", "--model", "qroar-tiny", "--lengths", "30", "--quant", "none"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert short.returncode == 2 and "shorter than the question" in short.stderr
+
+
+def test_retrieval_inputs_are_checked_before_the_model_loads(capsys):
+    from qroar.cli import main
+
+    assert main(["retrieval", "--model", "qroar-tiny", "--lengths", "256,100000", "--quiet"]) == 2
+    assert "needs a document that long" in capsys.readouterr().err
+    assert main(["retrieval", "--model", "qroar-tiny", "--trials", "0", "--quiet"]) == 2
+    assert "trials must be a positive integer" in capsys.readouterr().err
