@@ -322,7 +322,7 @@ def _device() -> str:
     return loaded_entry(state.backend(), state.loaded_key()).wb.device.type
 
 
-def cost(forwards_of, passes_text: str) -> None:
+def cost(forwards_of, passes_text: str, at_most: bool = False) -> None:
     """A caption saying what the next run costs before it runs: `forwards_of(sizes_of, spec)` returns
     ([(windows, length)] in all, what they are); the time from this model's measured pace when a run has
     measured it, else estimated from this CPU's matmul speed."""
@@ -333,6 +333,6 @@ def cost(forwards_of, passes_text: str) -> None:
         forwards, what = forwards_of(_token_sizes, spec)
         pace = state.backend().paces.get(state.loaded_key())
         st.caption(f":material/schedule: {passes_text}: {what}; "
-                   + cost_text(spec, forwards, 1, _device(), pace) + ".")
+                   + cost_text(spec, forwards, 1, _device(), pace, at_most) + ".")
     except QroarError as e:  # a setting that cannot run says so where it is edited
         st.caption(f":material/schedule: cost not known: {e}")

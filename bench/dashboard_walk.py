@@ -81,6 +81,10 @@ def compare(w: Walk, label: str, n: int = 2) -> None:
     pg = w.pg
     go(pg, "Runs")
     box = pg.get_by_role("combobox", name="Runs to compare")
+    clear = pg.get_by_test_id("stMultiSelect").filter(has=box).get_by_role("button", name="Clear all")
+    if clear.count():  # the picker keeps the last comparison's runs
+        clear.first.click()
+        idle(pg)
     for _ in range(n):
         box.click()
         pg.get_by_role("option").last.click()

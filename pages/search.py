@@ -127,7 +127,7 @@ def _forwards(sizes_of, spec):
 
 busy = w.is_running("search")
 if not note:
-    w.cost(_forwards, "This search")
+    w.cost(_forwards, "This search", at_most=True)
 if st.button("Start search", type="primary", icon=":material/play_arrow:", disabled=busy or bool(note)):
     try:
         cfg = search_config()
@@ -161,8 +161,7 @@ m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f
                "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
-m3.metric(r.unit.capitalize(), f"{r.spent} of at most {r.budget}"
-          + (f" (+{r.reused} resumed)" if r.reused else ""),
+m3.metric(f"{r.unit.capitalize()} (at most {r.budget})", f"{r.spent}" + (f" +{r.reused} resumed" if r.reused else ""),
           help=f"Computed in this run, in the unit the progress counted; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
 m4.metric("Time", f"{r.seconds:.1f} s")

@@ -359,16 +359,17 @@ def spec_of_loaded(name: str, config: dict, tokenizer, model) -> ModelSpec:
 
 
 def cost_text(spec: ModelSpec, forwards: list[tuple[int, int]], passes: float, device: str = "cpu",
-              pace: float | None = None) -> str:
+              pace: float | None = None, at_most: bool = False) -> str:
     """'N tokens forward; about T ...': the measured pace (tokens/s of an earlier run of this model here) when
     known, else the FLOP estimate on a CPU; on a GPU without a pace, the token count alone."""
     tokens = int(passes * sum(w * L for w, L in forwards))
+    about = "at most about" if at_most else "about"
     if pace:
-        return f"{tokens:,} tokens forward; about {_duration(tokens / pace)} at the pace of the last run"
+        return f"{tokens:,} tokens forward; {about} {_duration(tokens / pace)} at the pace of the last run"
     secs = estimate_seconds(spec, [(w * passes, L) for w, L in forwards], device)
     if secs is None:
         return f"{tokens:,} tokens forward"
-    return f"{tokens:,} tokens forward; about {_duration(secs)} on this CPU (estimated from its matmul speed)"
+    return f"{tokens:,} tokens forward; {about} {_duration(secs)} on this CPU (estimated from its matmul speed)"
 
 
 def _duration(s: float) -> str:
