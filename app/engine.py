@@ -290,6 +290,52 @@ def diagnostics_job(backend: Backend, key: ModelKey, recipe, corpus: str, cfg):
     return run
 
 
+def recipe_variants(recipe, choices=("quant", "quant_scaled", "fp_scaled")) -> list[str]:
+    """The variants of `choices` this recipe can run: quant with a quantizer, the scaled ones with scales."""
+    has = {"fp": True, "quant": recipe.quantized, "quant_scaled": recipe.quantized and recipe.scales is not None,
+           "fp_scaled": recipe.scales is not None}
+    return [v for v in choices if has[v]]
+
+
+def fidelity_job(backend: Backend, key: ModelKey, recipe, corpus: str, cfg):
+    """qroar.fidelity.run under the recipe (its scales too): every variant it has against FP under the same PI."""
+    from qroar.errors import ConfigError
+
+    variants = recipe_variants(recipe)
+    if not variants:
+        raise ConfigError("Nothing to compare with full precision: choose a quantizer on Setup (or set scales on Tune).")
+
+    def run(progress: Progress, cancel: threading.Event):
+        from qroar import fidelity
+
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            wb.apply(recipe, progress=sub_progress(progress, 0.05, 0.2), cancel=cancel)
+            res = fidelity.run(wb, corpus, cfg, variants=variants, progress=sub_progress(progress, 0.2, 1.0),
+                               cancel=cancel)
+        res.settings["recipe"] = recipe.to_dict()  # what it ran under, as the other results carry it
+        return res
+    run.work_from = 0.2  # model load, PI and quantizer: start-up, its pace is not the work's
+    return run
+
+
+def retrieval_job(backend: Backend, key: ModelKey, recipe, cfg):
+    """qroar.retrieval.run under the recipe: FP and every variant the recipe has, on the same prompts."""
+    def run(progress: Progress, cancel: threading.Event):
+        from qroar import retrieval
+
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            retrieval.plan_prompts(wb, cfg)  # a key or question that cannot fit is refused before quantizing
+            wb.apply(recipe, progress=sub_progress(progress, 0.05, 0.2), cancel=cancel)
+            res = retrieval.run(wb, cfg, variants=["fp", *recipe_variants(recipe)],
+                                progress=sub_progress(progress, 0.2, 1.0), cancel=cancel)
+        res.settings["recipe"] = recipe.to_dict()
+        return res
+    run.work_from = 0.2  # model load, PI and quantizer: start-up, its pace is not the work's
+    return run
+
+
 def loaded_entry(backend: Backend, key: ModelKey) -> LoadedModel:
     """The cached model for reading its shape and config off the worker (never its weights)."""
     from qroar.errors import ModelError

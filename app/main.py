@@ -26,6 +26,7 @@ PAGES = {
     "Evaluate": [
         st.Page(widgets.page_path("perplexity"), title="Perplexity", icon=":material/show_chart:", url_path="perplexity"),
         st.Page(widgets.page_path("diagnostics"), title="Diagnostics", icon=":material/grid_on:", url_path="diagnostics"),
+        st.Page(widgets.page_path("fidelity"), title="Fidelity & retrieval", icon=":material/compare:", url_path="fidelity"),
     ],
     "Q-ROAR": [
         st.Page(widgets.page_path("tune"), title="Tune", icon=":material/tune:", url_path="tune"),

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from qroar.errors import ConfigError
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-KINDS = ("perplexity", "diagnostics", "tune", "search")  # job kinds a report draws, in this order
+KINDS = ("perplexity", "diagnostics", "tune", "search", "fidelity", "retrieval")  # job kinds a report draws, in this order
 
 
 # ----------------------------------------------------------------------------- settings
@@ -167,6 +167,37 @@ def search_command(s: ReportSettings, res, out: str = "scales.json") -> str:
     return _line(args + ["--out", out, "--report", "search"])
 
 
+def _run_recipe(recipe: dict):
+    return _recipe(recipe, windows=None)  # windows only bound a search; the scales (if any) are what ran
+
+
+def fidelity_command(s: ReportSettings, res, out: str = "fidelity") -> str:
+    """`qroar fidelity` that reruns a FidelityResult: its recipe (scales included) and its settings."""
+    st, c = res.settings, res.settings["config"]
+    args = ["fidelity", *_model_args(s.model), *_run_recipe(st["recipe"]).to_args(), "--corpus", st["corpus"],
+            "--lengths", ",".join(map(str, c["lengths"])), "--max-windows", str(c.get("max_windows_per_doc") or 0),
+            "--max-docs", str(c.get("max_docs") or 0)]
+    if c.get("nopi"):
+        args.append("--nopi")
+    if c.get("per_octave", 1) != 1:
+        args += ["--per-octave", str(c["per_octave"])]
+    if c.get("precision", "float32") != "float32":
+        args += ["--precision", c["precision"]]
+    return _line(args + ["--out", out])
+
+
+def retrieval_command(s: ReportSettings, res, out: str = "passkey") -> str:
+    """`qroar retrieval` that reruns a RetrievalResult: its recipe (scales included) and its settings."""
+    st, c = res.settings, res.settings["config"]
+    args = ["retrieval", *_model_args(s.model), *_run_recipe(st["recipe"]).to_args(),
+            "--lengths", ",".join(map(str, c["lengths"])), "--depths", ",".join(f"{d:g}" for d in c["depths"]),
+            "--trials", str(c["trials"]), "--key", c["key"], "--digits", str(c["digits"]), "--haystack", c["haystack"],
+            "--corpus", c["corpus"], "--seed", str(c["seed"])]
+    if c.get("generate"):
+        args.append("--generate")
+    return _line(args + ["--out", out])
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -252,8 +283,35 @@ def search_section(res, s: ReportSettings) -> Section:
     return Section("Search", text, tuple(figs), tuple(tables), (search_command(s, res),))
 
 
+def fidelity_section(res, s: ReportSettings) -> Section:
+    from app import fidelity_charts as fc
+
+    st = res.settings
+    text = (f"KL divergence to full precision under the same PI and same top token, by position: "
+            f"{len(res.windows)} window(s) of {max(st['config']['lengths'])} tokens, trained context "
+            f"{st['trained_context']}, {st.get('seconds', 0):.1f} s.")
+    return Section("Fidelity", text, (("fidelity", fc.fidelity_figure(res.buckets, st["trained_context"])),),
+                   (("KL to full precision and same top token per length (positions 1..length)", fc.overall_table(res.overall)),),
+                   (fidelity_command(s, res),))
+
+
+def retrieval_section(res, s: ReportSettings) -> Section:
+    from app import fidelity_charts as fc
+    from qroar.retrieval import paired_change
+
+    st = res.settings
+    variants = set(res.trials["variant"])
+    change = paired_change(res.trials, col="token_acc") if {"quant", "quant_scaled"} <= variants else None
+    text = (f"Passkey retrieval: {st['config']['trials']} prompt(s) per length and depth, key scored teacher-forced, "
+            f"{st.get('seconds', 0):.1f} s.")
+    return Section("Retrieval", text, (("passkey", fc.passkey_figure(res.summary, change)),),
+                   (("Passkey scores per variant and length (means over depths and trials)", fc.passkey_table(res.summary)),),
+                   (retrieval_command(s, res),))
+
+
 SECTIONS: dict[str, Callable[[Any, ReportSettings], Section]] = {  # job kind -> section builder
     "perplexity": perplexity_section, "diagnostics": diagnostics_section, "tune": tune_section, "search": search_section,
+    "fidelity": fidelity_section, "retrieval": retrieval_section,
 }
 
 

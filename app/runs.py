@@ -77,6 +77,16 @@ def _search_settings(res) -> dict:
     return _settings({**res.recipe, "windows": windows}, search=search)
 
 
+def _fidelity_settings(res) -> dict:
+    s = res.settings  # qroar.fidelity.run, with the recipe app.engine.fidelity_job ran under
+    return _settings(s["recipe"], corpus=s["corpus"], fidelity=s["config"])
+
+
+def _retrieval_settings(res) -> dict:
+    s = res.settings  # qroar.retrieval.run, with the recipe app.engine.retrieval_job ran under
+    return _settings(s["recipe"], retrieval=s["config"])
+
+
 def recipe_of(settings: dict):
     """The qroar.recipe.Recipe part of a run's settings."""
     from qroar.recipe import Recipe
@@ -116,6 +126,8 @@ RUN_KINDS: dict[str, RunKind] = {
     "diagnostics": RunKind(_diagnostics_settings, diagnostics=lambda r: r.tables,
                            name_extra=lambda s: f"{s.get('capture_length')} tokens"),
     "tune": RunKind(_tune_settings, curves=lambda r: r.summary, name_extra=_tune_name, same_series=_same_but_scales),
+    "fidelity": RunKind(_fidelity_settings, name_extra=lambda s: f"KL to {max(s['fidelity']['lengths'])} tokens"),
+    "retrieval": RunKind(_retrieval_settings, name_extra=lambda s: "passkey " + ",".join(map(str, s["retrieval"]["lengths"]))),
     "search": RunKind(_search_settings, curves=lambda r: r.heldout, name_extra=lambda s: f"{_n_bands(s)} bands"),
 }
 

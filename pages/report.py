@@ -46,8 +46,8 @@ for col, kind in zip(cols, report.KINDS):
     col.markdown(f":material/check_circle: **{kind.capitalize()}**  \n{time.strftime('%H:%M', time.localtime(j.finished))}"
                  if j else f":material/radio_button_unchecked: {kind.capitalize()}  \nnot run yet")
 if not results:
-    st.info("No results yet: the report holds the settings and the command line only. Run Perplexity, Diagnostics, "
-            "Tune or Search first.", icon=":material/info:")
+    st.info("No results yet: the report holds the settings and the command line only. Run Perplexity, Diagnostics, Tune, "
+            "Search, Fidelity or Retrieval first.", icon=":material/info:")
 
 name = "".join(c if c.isalnum() or c in "-_" else "-" for c in settings.model["name"].rsplit("/", 1)[-1])
 st.download_button("Download the HTML report", lambda: report.build_html(parts), file_name=f"qroar-report-{name}.html",
