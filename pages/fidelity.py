@@ -40,7 +40,7 @@ def fidelity_config():
     from qroar.fidelity import FidelityConfig
 
     return FidelityConfig(lengths=_lengths("fid.lengths", (1, 4, 8)), max_windows_per_doc=1,
-                          max_docs=int(state.get("fid.max_docs")) or None, nopi=bool(state.get("fid.nopi")))
+                          max_docs=int(state.get("fid.max_docs")) or None, nopi=bool(state.get("fid.nopi")) and recipe.pi.rope_type != "default")
 
 
 def retrieval_config():
