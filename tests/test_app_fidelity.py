@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import fidelity_charts, report  # noqa: E402
 from app.engine import Backend, ModelKey, fidelity_job, retrieval_job  # noqa: E402
-from app.runs import RunStore  # noqa: E402
+from app.runs import RunStore, comparison  # noqa: E402
 from qroar import cli  # noqa: E402
 from qroar.fidelity import FidelityConfig  # noqa: E402
 from qroar.perplexity import EvalConfig  # noqa: E402
@@ -65,6 +65,12 @@ def test_fidelity_and_retrieval_results_become_named_runs(results):
     assert f.recipe == RECIPE == r.recipe
     assert f.settings["fidelity"] == FID.to_dict() and f.settings["corpus"] == "embedded:heldout"
     assert r.settings["retrieval"] == RET.to_dict()
+    diff, figs = comparison([f, r])  # side by side on Runs and in the Report: settings only, no overlay
+    assert figs == {} and len(diff)
+    s = report.ReportSettings(model=key.to_dict(), recipe=RECIPE.to_dict(), corpus="embedded:heldout",
+                              eval=EvalConfig(lengths=(64,)).to_dict())
+    titles = [p.title for p in report.with_runs(report.sections({}, s), [f, r], s)]
+    assert titles[-3:] == [f"Run {f.id}: {f.name}", f"Run {r.id}: {r.name}", "Reproduce"]
 
 
 def test_report_has_fidelity_and_retrieval_sections_with_their_commands(results):
