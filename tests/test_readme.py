@@ -46,7 +46,7 @@ def as_written(cmd: str) -> list[list[str]]:
 def test_readme_examples_run_as_written_in_under_a_minute_each(tmp_path):
     """Every command of the README, in its order, as the installed console scripts in a fresh folder (the
     later ones read what the earlier ones wrote), each under a minute on 2 CPU cores (asserted with room:
-    180 s, for slower or busier machines); prints the time of each."""
+    300 s, for slower or busier machines: it catches a default that runs for hours); prints the time of each."""
     import os
     import subprocess
     import sys
@@ -63,5 +63,5 @@ def test_readme_examples_run_as_written_in_under_a_minute_each(tmp_path):
             assert r.returncode == 0, f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     print("\n".join(f"{s:6.1f} s  {c}" for c, s in times))
     for c, s in times:  # a minute or less when measured (README); the bound leaves room for a slower machine
-        assert s < 180, f"{c} took {s:.0f} s"
+        assert s < 300, f"{c} took {s:.0f} s"
     assert (tmp_path / "results" / "scales.json").is_file() and (tmp_path / "results" / "ckpt" / "config.json").is_file()
