@@ -160,7 +160,7 @@ m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f
           help="The same scales on the full-precision model, held-out objective. If it moves as much as the gain "
                "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
-m2.metric("Dev objective vs PTQ", f"{100 * (math.exp(dev['quant_scaled'] - dev['quant']) - 1):+.3f}%")
+m2.metric("Dev objective vs PTQ", f"{100 * r.objective_change(dev['quant_scaled'], dev['quant']):+.3f}%")
 m3.metric(f"{r.unit.capitalize()} (at most {r.budget})", f"{r.spent}" + (f" +{r.reused} resumed" if r.reused else ""),
           help=f"Computed in this run, in the unit the progress counted; {r.doc_evaluations} document evaluations in all "
                "(racing: candidates that lost on the first documents were not evaluated on the rest).")
