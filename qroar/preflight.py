@@ -401,19 +401,29 @@ def _recipe_quant(recipe, spec: ModelSpec | None, calib: str | None = None, what
         read_corpus(calib or recipe.calib)
 
 
-def _eval_like(a, spec: ModelSpec | None, docs, lengths, variants: int) -> None:
-    """eval and apply: lengths that fit the corpus, windows, the plan."""
-    from qroar.perplexity import EvalConfig
-
+def _fit_corpus(a, docs, spec: ModelSpec | None, lengths):
+    """(token counts of --corpus, the lengths some document fills): a warning per length left out, and
+    a.lengths set to the kept ones; None when the lengths or the tokenizer are not known before loading."""
     toks = tokens_of(a.corpus, docs, spec)
     if lengths is None or toks is None:
-        return
+        return None
     lengths, warnings = fit_lengths(lengths, [toks], spec.bos)
     for w in warnings:
         _say(a, f"warning: {w}", sys.stderr)
     a.lengths = ",".join(map(str, lengths))
+    return toks, lengths
+
+
+def _eval_like(a, spec: ModelSpec | None, docs, lengths, variants: int) -> None:
+    """eval and apply: lengths that fit the corpus, windows, the plan."""
+    from qroar.perplexity import EvalConfig
+
+    fit = _fit_corpus(a, docs, spec, lengths)
+    if fit is None:
+        return
+    toks, lengths = fit
     EvalConfig(lengths=lengths, stride=a.stride, max_windows_per_doc=a.max_windows, batch_size=a.batch_size)
-    forwards = [(sum(windows_count(n, L, spec.bos, a.stride, a.max_windows) for n in toks.sizes), L) for L in lengths]
+    forwards = eval_forwards(toks.sizes, lengths, spec.bos, a.stride, a.max_windows)
     secs = estimate_seconds(spec, forwards * variants, a.device)
     _say(a, plan_line(f"{variants} variant{'s' * (variants != 1)} on {len(toks.sizes)} documents of {a.corpus}",
                       forwards, variants, secs))
@@ -566,13 +576,10 @@ def check_fidelity(a) -> None:
     _recipe_quant(recipe, spec)
     if lengths is None and spec is not None and spec.trained_context:
         lengths = tuple(spec.trained_context * k for k in (1, 4, 8))
-    toks = tokens_of(a.corpus, docs, spec)
-    if lengths is None or toks is None:
+    fit = _fit_corpus(a, docs, spec, lengths)
+    if fit is None:
         return
-    lengths, warnings = fit_lengths(lengths, [toks], spec.bos)
-    for w in warnings:
-        _say(a, f"warning: {w}", sys.stderr)
-    a.lengths = ",".join(map(str, lengths))
+    toks, lengths = fit
     L = max(lengths)  # windows are cut at the longest length; the others are their prefixes
     counts = [c for c in (windows_count(n, L, spec.bos, None, a.max_windows) for n in toks.sizes) if c]
     forwards = [(sum(counts[:a.max_docs or None]), L)]
