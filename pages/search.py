@@ -153,12 +153,25 @@ if job is not current:
 
 r, cfg = job.result, job.meta["cfg"]
 gain = r.heldout_gain()
-control = qc.control_change(r.objective["heldout"], r.heldout, cfg.weights())
+kl_search = cfg.objective == "kld"
+held_obj = r.objective["heldout"]
+control = None if kl_search else qc.control_change(held_obj, r.heldout, cfg.weights())
 m1, m0, m2, m3, m4 = st.columns(5)
-m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%", help="Length-weighted perplexity change; negative = better.")
-m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f"{100 * control:+.3f}%",
-          help="The same scales on the full-precision model, held-out objective. If it moves as much as the gain "
-               "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
+m1.metric("Held-out objective vs PTQ", f"{100 * gain:+.3f}%",
+          help=("Change of the length-weighted mean KL divergence to full precision (same PI); negative = closer to FP."
+                if kl_search else "Length-weighted perplexity change; negative = better."))
+if kl_search:  # FP has KL 0 to itself: the control is FP + scales' own KL, next to PTQ's
+    fs = held_obj.get("fp_scaled")
+    m0.metric("Control: FP + scales, KL to FP", "not measured" if fs is None else f"{fs:.4f}",
+              help="Mean KL divergence (nats per token) of the same scales on the full-precision model to FP. "
+                   f"PTQ's is {held_obj.get('quant', float('nan')):.4f}, PTQ + scales' "
+                   f"{held_obj.get('quant_scaled', float('nan')):.4f}: scales that move FP as far as PTQ sits "
+                   "change the model rather than repair quantization.")
+    control = fs
+else:
+    m0.metric("Control: FP + scales vs FP", "not measured" if control is None else f"{100 * control:+.3f}%",
+              help="The same scales on the full-precision model, held-out objective. If it moves as much as the gain "
+                   "beside it, the gain is a per-band temperature effect, not a repair of quantization.")
 dev = r.objective["dev"]
 m2.metric("Dev objective vs PTQ", f"{100 * r.objective_change(dev['quant_scaled'], dev['quant']):+.3f}%")
 m3.metric(f"{r.unit.capitalize()} (at most {r.budget})", f"{r.spent}" + (f" +{r.reused} resumed" if r.reused else ""),

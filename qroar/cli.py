@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, local folder or hub id (default {DEFAULT_MODEL})")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32 | tf32 (fp32 with TF32 matrix products on a GPU)")
     g.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt weights (can run code: trusted sources only)")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (trusted sources only)")
     g.add_argument("--device-map", default=None,

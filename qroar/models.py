@@ -37,6 +37,9 @@ RANDOM_SHAPES = {
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, rope_theta=1000000.0),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, rope_theta=100000.0),
     "llama-tiny": dict(model_type="llama", vocab_size=8192, hidden_size=128, intermediate_size=256,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=256, rope_theta=10000.0),
@@ -238,8 +241,13 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "tf32":  # fp32 weights and activations, matrix products in TF32 on the GPU's tensor cores
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return torch.float32
     if dtype not in _DTYPES:
-        raise ModelError(f"Unknown dtype {dtype!r}: choose auto, bf16, fp16 or fp32.")
+        raise ModelError(f"Unknown dtype {dtype!r}: choose auto, bf16, fp16, fp32 or tf32 (fp32 with TF32 products on a GPU).")
     return _DTYPES[dtype]
 
 

@@ -140,6 +140,37 @@ def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path
     assert any("on the same documents" in c.value for c in at.caption)  # how the trace compares candidates
 
 
+def test_kl_search_shows_its_control_as_fp_plus_scales_kl_to_fp(tiny_dir, tmp_path):
+    """Under the KL objective FP's own KL is 0, so the control is FP + scales' KL to FP (beside PTQ's),
+    not a perplexity ratio."""
+    from conftest import TEXT
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for i in range(2):
+        (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
+    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
+                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    ok(at)
+    at.slider(key="w:search.n_candidates").set_value(5).run()
+    at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
+    at.number_input(key="w:search.max_windows").set_value(1).run()
+    at.selectbox(key="w:search.objective").set_value("kld").run()
+    button(at, "Start search").click().run()
+    finish(at)
+    ok(at)
+    r = record(at).jobs["search"].result
+    held = r.objective["heldout"]
+    assert held["fp"] == pytest.approx(0.0, abs=1e-9) and held["fp_scaled"] >= 0
+    labels = [m.label for m in at.metric]
+    assert "Control: FP + scales vs FP" not in labels
+    m = next(x for x in at.metric if x.label == "Control: FP + scales, KL to FP")
+    assert m.value == f"{held['fp_scaled']:.4f}"
+    gain = next(x for x in at.metric if x.label == "Held-out objective vs PTQ")
+    assert gain.value == f"{100 * (held['quant_scaled'] / held['quant'] - 1):+.3f}%"
+
+
 # ----------------------------------------------------------------------------- Export
 
 
