@@ -36,7 +36,9 @@ per document (checkpointed), so a survivor pays only for the documents it has no
 incumbent's documents are already known, and k-fold reuses them. With eta = 3 and 10 documents a
 band of 6 new candidates costs at most 6 + 2*2 + 1*6 = 16 document evaluations instead of 60. It
 can pass over a candidate that wins only on later documents; bench/run.py --cases search measures
-what it picks against the exhaustive descent.
+what it picks against the exhaustive descent. Each rung's work is asked for at once
+(`SearchRun.per_doc_many`), so several processes (`parallel`) split its (scale vector, document,
+length) items by tokens and gather the per-document results: the same decisions as one process.
 
 Nested windows (`nested=True`): every length is scored from one forward at the longest
 (perplexity.EvalConfig.nested), so the guard's short length costs nothing extra.
@@ -788,7 +790,7 @@ class Strategy:
     budget: Callable
     per_document: bool
     label: str
-    spreads: bool = True  # can spread candidates over processes (qroar.distributed)
+    spreads: bool = True  # its work can be spread over processes (qroar.distributed; Ranks.spread, per_doc_many)
 
     @property
     def unit(self) -> str:
