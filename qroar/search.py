@@ -583,14 +583,13 @@ class SearchRun:
         tokens = dict(zip(docs.doc_ids, docs.tokens))
         index = {_key("", t): i for i, t in enumerate(uniq)}
         items = [(index[_key("", t)], d, Ls, cost) for t, d in missing for Ls, cost in self._work(tokens[d])]
-        by_doc = {d: t for d, t in tokens.items()}
 
         def run_group(group):  # one scale vector on this process: one evaluate call per set of lengths
             variant = self._set(uniq[group[0][0]])
             out: dict[tuple, dict] = {}
             for Ls in dict.fromkeys(Ls for _, _, Ls, _ in group):
                 ids = [d for _, d, L2, _ in group if L2 == Ls]
-                res = self._result(type(docs)(docs.spec, ids, [by_doc[d] for d in ids]), replace(self.eval_all, lengths=Ls), variant)
+                res = self._result(type(docs)(docs.spec, ids, [tokens[d] for d in ids]), replace(self.eval_all, lengths=Ls), variant)
                 for r in res.rows:
                     out.setdefault((r["doc"], Ls), {})[str(int(r["length"]))] = [float(r["nll"]), int(r["tokens"])] + (
                         [float(r[self.measure])] if self.measure != "log_ppl" else [])
