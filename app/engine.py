@@ -35,13 +35,60 @@ class ModelKey:
     dtype: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    device_map: str = ""  # "" (one device), or a strategy splitting the model over this host's GPUs: balanced, auto
+    max_memory: str = ""  # with a device_map: per-device budget, e.g. "0=70GiB,1=70GiB"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelKey":
-        return cls(**{k: d[k] for k in ("name", "device", "dtype", "allow_pickle", "trust_remote_code") if k in d})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def placement(self) -> tuple:
+        """(device_map, max_memory) for Workbench.open; a malformed budget raises ConfigError (before loading)."""
+        from types import SimpleNamespace
+
+        from qroar.cli import device_map_from_args
+
+        if not self.device_map:
+            return None, None
+        return device_map_from_args(SimpleNamespace(device_map=self.device_map, max_memory=self.max_memory or None))
+
+
+SPLITS = {"": "one device (above)", "balanced": "balanced: layers split evenly over every GPU",
+          "auto": "auto: fill the first GPU, then the next"}
+
+
+def gpu_table() -> "pd.DataFrame":
+    """One row per visible GPU: index, name, memory total and free (GiB; free "—" where unknown)."""
+    import pandas as pd
+    import torch
+
+    rows = []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(n):
+        p = torch.cuda.get_device_properties(i)
+        try:
+            free = f"{torch.cuda.mem_get_info(i)[0] / 2**30:.1f} GiB"
+        except Exception:  # a GPU another process holds, or no driver answer: the total still says enough
+            free = "—"
+        rows.append({"GPU": f"cuda:{i}", "Name": p.name, "Memory": f"{p.total_memory / 2**30:.1f} GiB", "Free now": free})
+    return pd.DataFrame(rows, columns=["GPU", "Name", "Memory", "Free now"])
+
+
+def queue_note(n_gpus: int, device_map: str) -> str:
+    """What the dashboard's job queue does with this host's GPUs, in words."""
+    if n_gpus < 2:
+        return ""
+    if device_map:
+        return (f"The model is split over the {n_gpus} GPUs ({device_map}): every job (perplexity, diagnostics, search, "
+                "fidelity, export) runs on that one model, so each uses all of them, layer after layer. The job queue "
+                "runs one job at a time in this server process.")
+    return (f"{n_gpus} GPUs are visible, but the model sits on one: the job queue runs one job at a time in this server "
+            "process, holding one model. To use every GPU, split the model over them (below), or spread a search's "
+            "documents over one process per GPU from the command line: `torchrun --nproc_per_node "
+            f"{n_gpus} -m qroar.cli search ... --distributed` (docs/SHARDING.md).")
 
 
 @dataclass
@@ -72,8 +119,9 @@ class ModelCache:
             return self._opener(key)
         from qroar.workbench import Workbench
 
-        return Workbench.open(key.name, device=key.device, dtype=key.dtype,
-                              allow_pickle=key.allow_pickle, trust_remote_code=key.trust_remote_code)
+        device_map, max_memory = key.placement()
+        return Workbench.open(key.name, device=key.device, dtype=key.dtype, allow_pickle=key.allow_pickle,
+                              trust_remote_code=key.trust_remote_code, device_map=device_map, max_memory=max_memory)
 
     def peek(self, key: ModelKey) -> LoadedModel | None:
         return self._entries.get(key)

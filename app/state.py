@@ -38,6 +38,8 @@ DEFAULTS = {
     "model.custom": "",
     "model.device": "auto",
     "model.dtype": "auto",
+    "model.device_map": "",  # "": one device; balanced / auto: split over this host's GPUs
+    "model.max_memory": "",
     "model.allow_pickle": False,
     "model.trust_remote_code": False,
     "corpus.source": "embedded:heldout",
@@ -164,7 +166,8 @@ def model_name() -> str:
 
 def model_key() -> ModelKey:
     return ModelKey(model_name(), get("model.device"), get("model.dtype"),
-                    bool(get("model.allow_pickle")), bool(get("model.trust_remote_code")))
+                    bool(get("model.allow_pickle")), bool(get("model.trust_remote_code")),
+                    get("model.device_map") or "", (get("model.max_memory") or "").strip() if get("model.device_map") else "")
 
 
 def model_info() -> dict | None:

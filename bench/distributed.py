@@ -4,6 +4,13 @@
              spread, and a one-band search with its candidates spread. Launches itself under
              torchrun once per GPU count; every count must give the same perplexities and scales.
                python bench/distributed.py spread --model random:llama2-7b --gpus 1,2,4,8 --out bench/results/spread.json
+  table      the issue-19 table on a 2-GPU host, one command (about 8 minutes on 2 H200s): perplexity with
+             documents spread, the full racing search (8 bands x 7 candidates, 10 dev documents of 32K random
+             tokens scored at 4K/16K/32K, nested; bench/run.py --cases search) on 1 and on 2 GPUs (same
+             scales?), and one model split over both GPUs by layers (eval + diagnostics, peak per GPU) vs
+             one GPU. --budget-s cuts the bands searched (the same on 1 and 2 GPUs) if it would not fit.
+               python bench/distributed.py table --out bench/results/two_gpus.json
+               python bench/distributed.py table --quick      # CPU, gloo, random:llama-tiny: checks the script
   placement  one model on one GPU vs the same weights split over cuda:0 and the CPU (device_map,
              CPU layers resident and run there): perplexity, diagnostics and a one-band search, same
              settings, results compared (fp32, so the only difference is the devices' rounding).
@@ -107,6 +114,176 @@ def spread(a) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- table: the issue's 1 vs 2 GPUs
+
+
+def random_doc(n: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def race_setup(wb: Workbench, a, n_bands_searched: int):
+    """bench/run.py's search case: random dev / held-out documents of the longest length, RTN w4 g128,
+    8 bands, windows from IP; bands from n_bands_searched on are held at 1 (window [1, 1])."""
+    from qroar.search import windows_for
+    from qroar.workbench import Corpus
+
+    lengths = tuple(int(x) for x in a.search_lengths.split(","))
+    docs = [random_doc(max(lengths), wb.info.vocab_size, seed=100 + i) for i in range(a.search_docs + a.search_heldout)]
+    wb._corpora["bench:dev"] = Corpus("bench:dev", [f"dev{i}" for i in range(a.search_docs)], docs[:a.search_docs])
+    wb._corpora["bench:held"] = Corpus("bench:held", [f"held{i}" for i in range(a.search_heldout)], docs[a.search_docs:])
+    windows = windows_for(wb)
+    windows.loc[windows["band"] >= n_bands_searched, ["g_min", "g_max"]] = 1.0
+    cfg = SearchConfig(n_candidates=7, sweeps=1, lengths=lengths, dev_corpus="bench:dev", heldout_corpus="bench:held",
+                       max_windows_per_doc=1, strategy="race", nested=True)
+    return cfg, windows
+
+
+def table_worker(a) -> None:
+    """One process of a torchrun job (1 or 2 processes): perplexity spread, then the racing search; rank 0 writes JSON."""
+    from qroar.search import _race_budget
+
+    ranks = distributed.init()
+    t = time.perf_counter()
+    wb = setup(Workbench.open(a.model, device=ranks.device, dtype=a.dtype), a)
+    load_s = time.perf_counter() - t
+    tc = wb.info.trained_context
+    lengths = tuple(int(x) for x in a.lengths.split(",")) if a.lengths else (tc, 4 * tc)
+    ev = EvalConfig(lengths=lengths, max_windows_per_doc=a.max_windows)
+    distributed.perplexity(wb, a.corpus, EvalConfig(lengths=(lengths[0],), max_windows_per_doc=1), ranks, variants=("quant",))
+    sync()
+    t = time.perf_counter()
+    table = distributed.perplexity(wb, a.corpus, ev, ranks, variants=("quant",))
+    sync()
+    ppl_s = time.perf_counter() - t
+    bands = a.search_bands
+    cfg, windows = race_setup(wb, a, bands)
+    est = None
+    if a.budget_s and ranks.world_size == 1:  # the first (1-GPU) job picks how many bands fit; the 2-GPU job gets the same
+        doc = wb.corpus("bench:dev").subset(["dev0"])
+        wb.evaluate(doc, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=1, nested=True), "quant")
+        sync()
+        t = time.perf_counter()
+        wb.evaluate(doc, EvalConfig(lengths=cfg.lengths, max_windows_per_doc=1, nested=True), "quant")
+        sync()
+        t_doc = time.perf_counter() - t
+        fixed = 2 * a.search_docs + 4 * a.search_heldout
+        while bands > 1:  # racing's worst case x 0.75 (it rarely spends it), then the same again at half speed
+            est = (0.75 * _race_budget(a.search_docs, [6] * bands, cfg) + fixed) * t_doc
+            if est * 1.5 <= a.budget_s - a.reserve_s:
+                break
+            bands -= 1
+        if bands != a.search_bands:
+            cfg, windows = race_setup(wb, a, bands)
+        est = {"doc_forward_s": t_doc, "search_estimate_s": est, "bands_searched": bands}
+    sync()
+    t = time.perf_counter()
+    res = distributed.search(wb, cfg, ranks, windows)
+    sync()
+    search_s = time.perf_counter() - t
+    peaks = ranks.gather(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+    if ranks.is_main:
+        Path(a.json).write_text(json.dumps({
+            "gpus": ranks.world_size, "load_s": load_s, "perplexity_s": ppl_s, "tokens": int(table["tokens"].sum()),
+            "nll": table["nll"].tolist(), "lengths": list(lengths), "search_s": search_s, "bands_searched": bands,
+            "scales": res.scales, "doc_evaluations": res.doc_evaluations, "budget": res.budget, "estimate": est,
+            "search_lengths": list(cfg.lengths), "dev_docs": a.search_docs, "peak_gib_per_gpu": peaks,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
+    ranks.close()
+
+
+def halves_map(n_layers: int) -> dict:
+    """Layers split in two over cuda:0 and cuda:1 (embeddings first, norm and head last): the balanced split."""
+    half = n_layers // 2
+    return {"model.embed_tokens": 0, "model.rotary_emb": 0, **{f"model.layers.{i}": 0 if i < half else 1 for i in range(n_layers)},
+            "model.norm": 1, "lm_head": 1}
+
+
+def split_run(a) -> dict:
+    """One process: the model on cuda:0, then the same weights split by layers over cuda:0 and cuda:1; eval
+    (quant, the perplexity lengths) and diagnostics timed, peak memory per GPU, results compared."""
+    from qroar.diagnostics import DiagConfig, run_diagnostics
+
+    out, got = {}, {}
+    for name, kw in (("one GPU", dict(device="cuda:0")), ("two GPUs, split by layers", dict(device_map="halves"))):
+        for i in range(2):
+            torch.cuda.reset_peak_memory_stats(i)
+        if kw.get("device_map") == "halves":
+            from qroar.models import RANDOM_SHAPES
+
+            kw = dict(device_map=halves_map(RANDOM_SHAPES[a.model.split(":", 1)[1]]["num_hidden_layers"])
+                      if a.model.startswith("random:") else "balanced")
+        wb = setup(Workbench.open(a.model, dtype=a.dtype, **kw), a)
+        tc = wb.info.trained_context
+        lengths = tuple(int(x) for x in a.lengths.split(",")) if a.lengths else (tc, 4 * tc)
+        ev = EvalConfig(lengths=lengths, max_windows_per_doc=a.max_windows)
+        wb.perplexity(a.corpus, EvalConfig(lengths=(lengths[0],), max_windows_per_doc=1), ("quant",))  # warm-up
+        sync()
+        t = time.perf_counter()
+        ppl = wb.perplexity(a.corpus, ev, ("quant",))
+        sync()
+        ppl_s = time.perf_counter() - t
+        t = time.perf_counter()
+        diag = run_diagnostics(wb, a.dev, DiagConfig(bands=BandConfig(n_bands=8), n_docs=2))
+        sync()
+        diag_s = time.perf_counter() - t
+        got[name] = (ppl, diag)
+        out[name] = {"perplexity_s": ppl_s, "diagnostics_s": diag_s, "devices": {d: v["modules"] for d, v in wb.info.devices.items()},
+                     "peak_gib_per_gpu": [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(2)]}
+        del wb
+        torch.cuda.empty_cache()
+    (pa, da), (pb, db) = got.values()
+    rel = lambda x, y: float(((x - y).abs() / y.abs().clip(lower=1e-12)).max())  # noqa: E731
+    out["comparison"] = {"nll_max_rel_diff": rel(pb["nll"], pa["nll"]), "tir_max_rel_diff": rel(db.tables["tir"]["tir"], da.tables["tir"]["tir"]),
+                         "tir_identical": bool((db.tables["tir"]["tir"].values == da.tables["tir"]["tir"].values).all())}
+    return out
+
+
+def two_gpu_table(a) -> dict:
+    t0 = time.perf_counter()
+    runs = {}
+    for n in (1, 2):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        argv = [x for x in sys.argv[2:] if x != "--quick"] + list(a._quick_args)
+        if n == 2:
+            argv += ["--search-bands", str(runs[1]["bands_searched"]), "--budget-s", "0"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               "table-worker", "--json", out, *argv]
+        subprocess.run(cmd, check=True)
+        runs[n] = json.loads(Path(out).read_text())
+        print(f"{n} process(es): done after {time.perf_counter() - t0:.0f}s", flush=True)
+    one, two = runs[1], runs[2]
+    res = {"runs": runs,
+           "perplexity": {"one_s": one["perplexity_s"], "two_s": two["perplexity_s"], "speedup": one["perplexity_s"] / two["perplexity_s"],
+                          "nll_max_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(two["nll"], one["nll"]))},
+           "search": {"one_s": one["search_s"], "two_s": two["search_s"], "speedup": one["search_s"] / two["search_s"],
+                      "same_scales": one["scales"] == two["scales"], "bands_searched": one["bands_searched"],
+                      "doc_evaluations": [one["doc_evaluations"], two["doc_evaluations"]]}}
+    if torch.cuda.device_count() >= 2:
+        res["split"] = split_run(a)
+    else:
+        res["split"] = {"skipped": f"{torch.cuda.device_count()} GPU(s) visible: the split over two GPUs needs two"}
+    res["total_s"] = time.perf_counter() - t0
+    p, s = res["perplexity"], res["search"]
+    print("\n| what | 1 GPU | 2 GPUs | speed-up | agreement |\n|---|---|---|---|---|")
+    print(f"| perplexity, documents spread | {p['one_s']:.2f} s | {p['two_s']:.2f} s | {p['speedup']:.2f}x | NLL max rel. diff {p['nll_max_rel_diff']:.1e} |")
+    print(f"| racing search, {s['bands_searched']} bands x 7 candidates, {one['dev_docs']} dev docs at "
+          f"{'/'.join(map(str, one['search_lengths']))} | {s['one_s']:.1f} s | {s['two_s']:.1f} s | {s['speedup']:.2f}x | "
+          f"same scales: {s['same_scales']} |")
+    sp = res["split"]
+    if "skipped" not in sp:
+        a1, a2 = sp["one GPU"], sp["two GPUs, split by layers"]
+        c = sp["comparison"]
+        print(f"| one model split over both GPUs: eval | {a1['perplexity_s']:.2f} s | {a2['perplexity_s']:.2f} s | | NLL max rel. diff {c['nll_max_rel_diff']:.1e} |")
+        print(f"| one model split over both GPUs: diagnostics | {a1['diagnostics_s']:.2f} s | {a2['diagnostics_s']:.2f} s | | "
+              f"TIR identical: {c['tir_identical']} (max rel. diff {c['tir_max_rel_diff']:.1e}) |")
+        print(f"| peak GiB per GPU (split) | {a1['peak_gib_per_gpu'][0]:.1f} | {a2['peak_gib_per_gpu'][0]:.1f} + {a2['peak_gib_per_gpu'][1]:.1f} | | |")
+    else:
+        print(f"| one model split over both GPUs | {sp['skipped']} | | | |")
+    print(f"search peak GiB per GPU: 1 GPU {one['peak_gib_per_gpu']}, 2 GPUs {two['peak_gib_per_gpu']}; total {res['total_s']:.0f}s")
+    return res
+
+
 # ----------------------------------------------------------------------------- placement: GPU vs GPU + CPU
 
 
@@ -198,7 +375,7 @@ def placement(a) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("case", choices=("spread", "spread-worker", "placement"))
+    p.add_argument("case", choices=("spread", "spread-worker", "table", "table-worker", "placement"))
     p.add_argument("--model", default="random:llama2-7b")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpus", default="1,2,4,8", help="GPU counts to compare (spread)")
@@ -214,12 +391,27 @@ def main() -> None:
     p.add_argument("--gpu-layers", type=int, default=8, help="placement: layers kept on the GPU (the rest on the CPU)")
     p.add_argument("--trained", type=int, default=512, help="placement: trained context of the random model")
     p.add_argument("--gpu", default="0", help="placement: the GPU index")
-    p.add_argument("--json", default=None, help="spread-worker: where rank 0 writes its figures")
+    p.add_argument("--json", default=None, help="spread-worker / table-worker: where rank 0 writes its figures")
+    p.add_argument("--search-lengths", default="4096,16384,32768", help="table: the racing search's lengths")
+    p.add_argument("--search-docs", type=int, default=10, help="table: dev documents of the racing search")
+    p.add_argument("--search-heldout", type=int, default=4, help="table: held-out documents of the racing search")
+    p.add_argument("--search-bands", type=int, default=8, help="table: bands searched (the rest held at 1)")
+    p.add_argument("--budget-s", type=float, default=540, help="table: seconds for the whole command; fewer bands are "
+                   "searched if the 1-GPU estimate says it would not fit (0: no limit)")
+    p.add_argument("--reserve-s", type=float, default=120, help="table: seconds kept for loads, perplexity and the split")
+    p.add_argument("--quick", action="store_true", help="table: random:llama-tiny, short lengths, CPU-sized (checks the script)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "distributed_bench.json"))
     a = p.parse_args()
+    quick = ["--model", "random:llama-tiny", "--lengths", "256,512", "--search-lengths", "128,256",
+             "--search-docs", "4", "--search-heldout", "2", "--max-windows", "1", "--budget-s", "0"]
+    if a.quick:  # small enough for two CPU processes (gloo) in about a minute
+        a = p.parse_args([x for x in sys.argv[1:] if x != "--quick"] + quick)
+    a._quick_args = quick if "--quick" in sys.argv else []
     if a.case == "spread-worker":
         return spread_worker(a)
-    rows = spread(a) if a.case == "spread" else placement(a)
+    if a.case == "table-worker":
+        return table_worker(a)
+    rows = {"spread": spread, "table": two_gpu_table, "placement": placement}[a.case](a)
     Path(a.out).write_text(json.dumps(rows, indent=1, default=str))
     print(f"wrote {a.out}")
 

@@ -4,7 +4,7 @@ import streamlit as st
 
 from app import state, widgets as w
 from app.charts import length_label
-from app.engine import default_group_size, group_size_options, load_job
+from app.engine import SPLITS, default_group_size, group_size_options, gpu_table, load_job, queue_note
 from qroar.errors import QroarError
 from qroar.models import PRESETS
 from qroar.quant import METHODS, NEEDS_CALIBRATION, SCOPES, is_row_scale_equivariant
@@ -60,11 +60,32 @@ with t2:
         st.warning("The model repository's own Python code will run in this server: only for sources you trust.",
                    icon=":material/warning:")
 
+gpus = gpu_table()
+if len(gpus):
+    st.caption(f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} on this host:")
+    st.dataframe(gpus, hide_index=True)
+if len(gpus) >= 2:
+    g1, g2 = st.columns([2, 1])
+    with g1:
+        split = w.select("Split the model over the GPUs", "model.device_map", list(SPLITS), format_func=SPLITS.get,
+                         help="accelerate's device_map: each GPU holds some layers; for models larger than one GPU")
+    with g2:
+        w.text("Memory per GPU (optional)", "model.max_memory", placeholder="0=70GiB,1=70GiB", disabled=not split,
+               help="accelerate's max_memory: the most each GPU may hold of the weights")
+    st.caption(queue_note(len(gpus), state.get("model.device_map")))
+
 key = state.model_key()
+bad_split = None
+try:
+    key.placement()
+except QroarError as e:
+    bad_split = str(e)
+    st.error(bad_split, icon=":material/error:")
 loaded = state.loaded_key()
 busy = w.is_running("load")
 label = "Model loaded" if loaded == key else "Load model"
-if st.button(label, type="primary", icon=":material/download:", disabled=busy or not key.name or loaded == key):
+if st.button(label, type="primary", icon=":material/download:",
+             disabled=busy or not key.name or loaded == key or bad_split is not None):
     state.submit("load", load_job(state.backend(), key, state.session()), label=f"Loading {key.name}",
                  meta=key.to_dict())
     st.rerun()

@@ -301,7 +301,7 @@ def cmd_search(a) -> int:
     if not ranks.is_main:
         return 0
     if ranks.world_size > 1:
-        print(f"candidates spread over {ranks.world_size} processes")
+        print(f"search work spread over {ranks.world_size} processes")
     print(format_result(result))
     print(f"{result.spent} {result.unit} (at most {result.budget}) in {result.seconds:.1f}s "
           f"({result.reused} reused from the checkpoint)")

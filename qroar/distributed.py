@@ -7,9 +7,11 @@ LOCAL_RANK (and MASTER_ADDR / MASTER_PORT). Every process loads the whole model 
   perplexity  documents are split over the processes (greedy by token count, so each gets about as
               many tokens); each evaluates its share, and the per-document tables are gathered and put
               back in single-process order: the same table, row for row.
-  search      the coordinate descent runs on every process in lockstep; the candidates of one band
-              are split over the processes and the results gathered on all of them, so every process
-              takes the same decision (qroar.search's `parallel` argument). Same scales as one process.
+  search      the coordinate descent runs on every process in lockstep; the work of one step is split
+              over the processes and the results gathered on all of them, so every process takes the
+              same decision (qroar.search's `parallel` argument). Same scales as one process.
+              grid: one band's candidates (each on every dev document). race: the rung's
+              (candidate, document, length) work items, balanced by tokens (`Ranks.spread`).
 
 A model larger than one GPU is spread with a device_map in one process (qroar.models.load_model);
 this module spreads work when the model fits one GPU. Without torchrun (WORLD_SIZE unset or 1)
@@ -58,6 +60,41 @@ class Ranks:
                 out[i] = r
         return out
 
+    def spread(self, fn: Callable, items: list, cost: Callable | None = None, key: Callable | None = None) -> list:
+        """[result of each item], the items split over the processes and the results gathered everywhere.
+
+        The general map over work items (a search's (scales, document) pairs, a gradient's documents):
+        items go longest first to the process with the least cost so far (`split_by_cost`; cost(item),
+        default 1 each); on each process the items sharing key(item) (e.g. one scale vector, which the
+        workbench holds one at a time) are handed to fn together, in their order: fn(list) -> one result
+        per item. Every process gets the whole list of results, in item order. One process: every
+        group here, in order of first appearance.
+        """
+        costs = [float(cost(x)) if cost is not None else 1.0 for x in items]
+        mine = split_by_cost(costs, self.world_size)[self.rank]
+        groups: dict = {}
+        for i in mine:
+            groups.setdefault(key(items[i]) if key is not None else i, []).append(i)
+        done = []
+        for idx in groups.values():
+            res = fn([items[i] for i in idx])
+            if len(res) != len(idx):
+                raise ValueError(f"spread: fn returned {len(res)} results for {len(idx)} items")
+            done += list(zip(idx, res))
+        out = [None] * len(items)
+        for part in self.gather(done):
+            for i, r in part:
+                out[i] = r
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every process (picklable)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -87,14 +124,20 @@ def init(backend: str | None = None) -> Ranks:
 # ----------------------------------------------------------------------------- perplexity over documents
 
 
-def split_by_tokens(sizes: list[int], world_size: int) -> list[list[int]]:
-    """Document indices per process: longest first, each to the process with the fewest tokens so far."""
-    load, parts = [0] * world_size, [[] for _ in range(world_size)]
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+def split_by_cost(costs: list[float], world_size: int) -> list[list[int]]:
+    """Item indices per process: costliest first, each to the process with the least cost so far
+    (ties: the lower index, the lower rank), each process's indices sorted."""
+    load, parts = [0.0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(world_size), key=lambda r: (load[r], r))
         parts[r].append(i)
-        load[r] += sizes[i]
+        load[r] += costs[i]
     return [sorted(p) for p in parts]
+
+
+def split_by_tokens(sizes: list[int], world_size: int) -> list[list[int]]:
+    """Document indices per process, balanced by token count (split_by_cost)."""
+    return split_by_cost(sizes, world_size)
 
 
 def perplexity(wb, corpus, eval_cfg, ranks: Ranks, variants=("fp", "quant"), progress=None, cancel=None) -> pd.DataFrame:
@@ -126,11 +169,11 @@ def perplexity(wb, corpus, eval_cfg, ranks: Ranks, variants=("fp", "quant"), pro
     return out.loc[keys.sort_values(["v", "L", "d"], kind="stable").index].reset_index(drop=True)
 
 
-# ----------------------------------------------------------------------------- search over candidates
+# ----------------------------------------------------------------------------- search
 
 
 def search(wb, cfg, ranks: Ranks, windows=None, progress=None, cancel=None):
-    """qroar.search.search with each band's candidates spread over the processes (same result as one)."""
+    """qroar.search.search with its work spread over the processes (the same result as one process)."""
     from qroar.search import search as run_search
 
     if ranks.world_size > 1 and cancel is not None:

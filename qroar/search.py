@@ -36,7 +36,9 @@ per document (checkpointed), so a survivor pays only for the documents it has no
 incumbent's documents are already known, and k-fold reuses them. With eta = 3 and 10 documents a
 band of 6 new candidates costs at most 6 + 2*2 + 1*6 = 16 document evaluations instead of 60. It
 can pass over a candidate that wins only on later documents; bench/run.py --cases search measures
-what it picks against the exhaustive descent.
+what it picks against the exhaustive descent. Each rung's work is asked for at once
+(`SearchRun.per_doc_many`), so several processes (`parallel`) split its (scale vector, document,
+length) items by tokens and gather the per-document results: the same decisions as one process.
 
 Nested windows (`nested=True`): every length is scored from one forward at the longest
 (perplexity.EvalConfig.nested), so the guard's short length costs nothing extra.
@@ -346,6 +348,29 @@ class Checkpoint:
         atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
 
 
+def _shared_checkpoint(path, settings_hash: str, settings: dict, parallel=None) -> Checkpoint:
+    """The search's checkpoint. Several processes: rank 0 reads the file (and alone writes it) and hands
+    what it read to the others, so resuming needs the file on rank 0's host only; an unreadable or
+    foreign file stops every process with rank 0's message."""
+    if parallel is None or parallel.world_size == 1:
+        return Checkpoint(path, settings_hash, settings)
+    err, state = None, None
+    if parallel.is_main:
+        try:
+            ck = Checkpoint(path, settings_hash, settings)
+            state = (ck.entries, ck.from_file, ck.best, ck.position)
+        except ConfigError as e:
+            err = str(e)
+    err, state = parallel.broadcast((err, state))
+    if err is not None:
+        raise ConfigError(err)
+    if not parallel.is_main:
+        ck = Checkpoint(None, settings_hash, settings, write=False)
+        ck.path = Path(path) if path else None  # named in messages; never written here
+        ck.entries, ck.from_file, ck.best, ck.position = state
+    return ck
+
+
 # ----------------------------------------------------------------------------- result
 
 
@@ -438,6 +463,7 @@ class SearchRun:
         self.fresh_seconds = 0.0  # computing time of this run's fresh evaluations
         self.parallel = parallel  # qroar.distributed.Ranks (map over processes) or None
         self.gathered: set[str] = set()  # keys computed by the processes of `parallel` in this run
+        self._bos: bool | None = None  # whether windows start with BOS (per_doc_many's token counts)
 
     def _report(self, msg: str) -> None:
         # the count and its announced total in one unit; the time left is the progress bar's to say
@@ -537,6 +563,78 @@ class SearchRun:
     def per_doc(self, docs, scales, what: str = "") -> dict[str, dict[int, tuple[float, int]]]:
         """{doc: {length: (nll, tokens)}} of `scales` on docs; only documents not yet in the
         checkpoint are computed (in one evaluate call, so short windows still batch)."""
+        self.per_doc_many(docs, [scales], [what])
+        return {d: {int(L): tuple(v) for L, v in self.ck.get("doc=" + d, scales)["per_length"].items()} for d in docs.doc_ids}
+
+    def per_doc_many(self, docs, trials: list, whats: list[str]) -> None:
+        """Put every (scale vector, document) result of `trials` x docs in the checkpoint, computing only
+        the missing ones. One process: one evaluate call per scale vector (its missing documents).
+        With `parallel`: the missing work is split into (scale vector, document, lengths) items (one
+        per length; nested: one per document), spread over the processes balanced by the tokens each
+        evaluates, and gathered on all of them; progress counts the (scale vector, document) pairs."""
+        self._check()
+        uniq = list({_key("", t): t for t in trials}.values())
+        missing = [(t, d) for t in uniq for d in docs.doc_ids if self.ck.get("doc=" + d, t) is None]
+        if self.parallel is None or self.parallel.world_size == 1 or not missing:
+            for t, what in zip(trials, whats):
+                self._per_doc_here(docs, t, what)
+            return
+        t0 = time.time()
+        tokens = dict(zip(docs.doc_ids, docs.tokens))
+        index = {_key("", t): i for i, t in enumerate(uniq)}
+        items = [(index[_key("", t)], d, Ls, cost) for t, d in missing for Ls, cost in self._work(tokens[d])]
+
+        def run_group(group):  # one scale vector on this process: one evaluate call per set of lengths
+            variant = self._set(uniq[group[0][0]])
+            out: dict[tuple, dict] = {}
+            for Ls in dict.fromkeys(Ls for _, _, Ls, _ in group):
+                ids = [d for _, d, L2, _ in group if L2 == Ls]
+                res = self._result(type(docs)(docs.spec, ids, [tokens[d] for d in ids]), replace(self.eval_all, lengths=Ls), variant)
+                for r in res.rows:
+                    out.setdefault((r["doc"], Ls), {})[str(int(r["length"]))] = [float(r["nll"]), int(r["tokens"])] + (
+                        [float(r[self.measure])] if self.measure != "log_ppl" else [])
+            return [out.get((d, Ls), {}) for _, d, Ls, _ in group]
+
+        results = self.parallel.spread(run_group, items, cost=lambda it: it[3], key=lambda it: it[0])
+        got: dict[tuple, dict] = {}
+        for (i, d, _, _), part in zip(items, results):
+            got.setdefault((i, d), {}).update(part)
+        for t, d in missing:
+            per_length = dict(sorted(got.get((index[_key("", t)], d), {}).items(), key=lambda kv: int(kv[0])))
+            self.ck.put("doc=" + d, t, {"scales": None if t is None else list(t), "per_length": per_length}, save=False)
+        self.ck.save()
+        self.fresh += len({_key("", t) for t, _ in missing})
+        self.fresh_seconds += time.time() - t0
+        self.done += len(missing)
+        self.doc_evals += len(missing)
+        what = whats[0] if len(whats) == 1 else f"{len(whats)} scale vectors ({whats[-1]})"
+        self._report(f"{what} · {len(missing)} document evaluations spread over {self.parallel.world_size} processes")
+
+    def _work(self, doc: torch.Tensor) -> list[tuple[tuple[int, ...], int]]:
+        """(lengths, tokens evaluated) work items of one document: one per length it has a window for
+        (nested: one item, every length from the longest forward)."""
+        from qroar.perplexity import bos_id, needs_bos
+
+        if self._bos is None:
+            c = self.eval_all
+            use = c.add_bos if c.add_bos is not None else needs_bos(self.wb.tokenizer, self.wb.model)
+            self._bos = bool(use and bos_id(self.wb.tokenizer, self.wb.model) is not None)
+        c, n = self.eval_all, int(doc.numel())
+        out = []
+        for L in c.lengths:
+            span = L - 1 if self._bos else L
+            step = span if c.stride is None or c.nested else c.stride
+            count = 0 if n < span else (n - span) // step + 1
+            if c.max_windows_per_doc is not None:
+                count = min(count, c.max_windows_per_doc)
+            if count:
+                out.append(((L,), count * L))
+        if c.nested and out:
+            return [(tuple(L for (L,), _ in out), max(cost for _, cost in out))]
+        return out
+
+    def _per_doc_here(self, docs, scales, what: str) -> None:
+        """per_doc's work on this process alone: the missing documents of `scales` in one evaluate call."""
         self._check()
         missing = [d for d in docs.doc_ids if self.ck.get("doc=" + d, scales) is None]
         if missing:
@@ -558,7 +656,6 @@ class SearchRun:
         else:
             keys = [_key("doc=" + d, scales) for d in docs.doc_ids]
             self.reused_keys.update(k for k in keys if k in self.ck.from_file)
-        return {d: {int(L): tuple(v) for L, v in self.ck.get("doc=" + d, scales)["per_length"].items()} for d in docs.doc_ids}
 
     def score(self, per_doc: dict, doc_ids) -> dict:
         """The entry evaluate() would give (log_ppl per length, short_log_ppl, objective) on doc_ids."""
@@ -599,6 +696,12 @@ def _race_band(run: SearchRun, fold: str, docs, current: list[float], b: int, gs
     winner = current[b]
     for n in rungs(len(ids), run.cfg.race_eta):
         sub = docs.subset(ids[:n])
+        trials = [current[:b] + [g] + current[b + 1:] for g in alive]
+        # the rung's work at once (spread over processes when there are several), then read back below
+        run.per_doc_many(sub, [current] + ([] if current == ones else [ones]) + trials,
+                         [f"[{fold}] band {b}: incumbent on {n} documents"] + ([] if current == ones else
+                                                                              [f"[{fold}] unscaled on {n} documents"])
+                         + [f"[{fold}] sweep {sweep + 1} band {b}: g = {g:.4g} on {n} documents" for g in alive])
         inc = run.entry(sub, current, f"[{fold}] band {b}: incumbent on {n} documents")
         base = inc if current == ones else run.entry(sub, ones, f"[{fold}] unscaled on {n} documents")
         limit = base["short_log_ppl"] + math.log1p(tol)
@@ -686,7 +789,7 @@ class Strategy:
     budget: Callable
     per_document: bool
     label: str
-    spreads: bool = True  # can spread candidates over processes (qroar.distributed)
+    spreads: bool = True  # its work can be spread over processes (qroar.distributed; Ranks.spread, per_doc_many)
 
     @property
     def unit(self) -> str:
@@ -729,7 +832,7 @@ def _race_budget(n_docs: int, per_band: list[int], cfg: "SearchConfig") -> int:
 
 STRATEGIES: dict[str, Strategy] = {
     "grid": Strategy(descend_grid, _grid_budget, per_document=False, label="coordinate descent, every candidate on every dev document"),
-    "race": Strategy(descend_race, lambda n, per_band, cfg: _race_budget(n, per_band, cfg), per_document=True, spreads=False,
+    "race": Strategy(descend_race, lambda n, per_band, cfg: _race_budget(n, per_band, cfg), per_document=True,
                      label="coordinate descent, candidates raced over dev documents (successive halving)"),
 }
 OBJECTIVES: dict[str, Objective] = {
@@ -758,6 +861,10 @@ def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFr
     "fp_scaled" (the chosen scales on the full-precision model) is the control: a gain it shares is
     an attention-temperature effect, not a repair of quantization noise."""
     rows, obj = [], {}
+    if STRATEGIES[run.cfg.strategy].per_document:  # the per-document variants' work at once (spread when it can be)
+        kinds = [n for n in variants if n != "fp_scaled"]
+        vecs = [None if n == "fp" else ([1.0] * len(scales) if n == "quant" else scales) for n in kinds]
+        run.per_doc_many(docs, vecs, [f"[{fold}] {n}" for n in kinds])
     for name in variants:
         if name == "fp_scaled":
             run._set(scales)
@@ -818,7 +925,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             raise DataError(f"{cfg.k_folds}-fold stability needs at least {cfg.k_folds} dev documents; "
                             f"{cfg.dev_corpus} has {len(dev.doc_ids)}. Use fewer folds or more documents.")
         h, settings = _settings_hash(wb, cfg, pairs, dev, held)
-        ck = Checkpoint(cfg.checkpoint, h, settings, write=parallel is None or parallel.is_main)
+        ck = _shared_checkpoint(cfg.checkpoint, h, settings, parallel)
         quantized = wb.qstate is not None
         scaled, base = ("quant_scaled", "quant") if quantized else ("fp_scaled", "fp")
         variants = ("fp", "quant", "quant_scaled")

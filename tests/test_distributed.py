@@ -1,9 +1,13 @@
 """Work spread over processes (gloo, 2 processes on the CPU): gathered results equal the single-process ones."""
 
+import json
 import os
 import pickle
 import random
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +27,7 @@ VARIANTS = ("fp", "quant", "fp_scaled", "quant_scaled")
 WINDOWS = [(1.0, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.0)]  # one band searched: 4 candidates, 2 per process
 
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, one thread each
 
 
@@ -125,3 +130,68 @@ def test_init_without_a_launcher_is_one_process(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     r = distributed.init()
     assert (r.rank, r.world_size) == (0, 1) and r.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- racing spread, under torchrun
+
+RACE = ["--pi", "linear", "--factor", "2", "--quant", "rtn", "--bits", "3", "--group-size", "32", "--bands", "4",
+        "--lengths", "32,96", "--max-windows", "1", "--candidates", "7", "--strategy", "race", "--batch-size", "1",
+        "--windows", "0.7:1.3,0.8:1.25,0.85:1.2,0.9:1.1", "--quiet"]
+
+
+def _qroar(args, procs=1, timeout=300):
+    """The installed command, alone or under torchrun (gloo on the CPU, one thread per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if procs == 1:
+        cmd = [sys.executable, "-m", "qroar.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
+               str(free_port()), "-m", "qroar.cli", *args, "--distributed"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p.stdout
+
+
+def _doc_entries(path) -> dict:
+    return {e["key"]: e["per_length"] for e in json.loads(Path(path).read_text())["evaluations"] if e["key"].startswith("doc=")}
+
+
+def test_racing_spread_over_two_processes_equals_one_process(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): the racing search's (candidate, document, length) work split over two
+    processes gives the same scales, history and held-out table, the same per-document numbers bit for bit
+    (batch 1: no window shares a forward), the same count of document evaluations within the budget; rank 0's
+    checkpoint holds every one, and a 2-process run resumes a partial single-process checkpoint."""
+    vocab = TEXT.split()
+    corpus = {}
+    for split, words in (("dev", [200, 90, 260, 150, 9]), ("held", [200, 120])):  # dev4: too short for 96 tokens
+        (tmp_path / split).mkdir()
+        for i, n in enumerate(words):
+            rng = random.Random(f"race{split}{i}")
+            (tmp_path / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
+        corpus[split] = str(tmp_path / split)
+    model = save_tiny(tmp_path / "model")
+    base = ["search", "--model", model, "--dev-corpus", corpus["dev"], "--heldout-corpus", corpus["held"], *RACE]
+    run = lambda name, procs, ck: _qroar([*base, "--checkpoint", str(tmp_path / ck), "--report", str(tmp_path / name)], procs)  # noqa: E731
+    out1 = run("one", 1, "one.ckpt.json")
+    out2 = run("two", 2, "two.ckpt.json")
+    assert "spread over 2 processes" in out2
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["scales"] == one["scales"] and two["history"] == one["history"] and two["heldout"] == one["heldout"]
+    assert two["objective"] == one["objective"] and two["dev"] == one["dev"]
+    assert two["doc_evaluations"] == one["doc_evaluations"] <= one["budget"] == two["budget"]
+    assert two["evaluations"] == one["evaluations"] and two["unit"] == "document evaluations"
+    docs1, docs2 = _doc_entries(tmp_path / "one.ckpt.json"), _doc_entries(tmp_path / "two.ckpt.json")
+    assert docs2 == docs1 and len(docs1) == one["doc_evaluations"]
+    assert any(set(v) == {"32"} for v in docs1.values())  # the short document has no 96-token window
+    assert f"{one['doc_evaluations']} document evaluations (at most {one['budget']})" in out1
+
+    # two processes resume a single-process checkpoint cut in half: only the missing documents are computed
+    d = json.loads((tmp_path / "one.ckpt.json").read_text())
+    keys = sorted(docs1)
+    dropped = set(keys[::2])
+    d["evaluations"] = [e for e in d["evaluations"] if e["key"] not in dropped]
+    (tmp_path / "half.ckpt.json").write_text(json.dumps(d))
+    run("resumed", 2, "half.ckpt.json")
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["scales"] == one["scales"] and resumed["doc_evaluations"] == len(dropped)
+    assert _doc_entries(tmp_path / "half.ckpt.json") == docs1
