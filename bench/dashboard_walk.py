@@ -1,7 +1,7 @@
 """The dashboard walked as its two kinds of users walk it, in headless Chromium, on the embedded model, timed step by step.
 
 - lecturer: "no PI vs YaRN under 3-bit", then "RTN vs AWQ", each pair compared on the Runs page; Diagnostics; Learn.
-- engineer: Diagnostics, Tune (the first run and two hand moves), Search (racing), Export, Report.
+- engineer: Diagnostics, Tune (the first run and two hand moves), Search (racing), Fidelity & retrieval, Export, Report.
 
 Every step keeps the dashboard's defaults except what the story changes. Prints a table of seconds per step,
 writes bench/results/dashboard_walk.json and a screenshot per step (--shots, default test-artifacts/walk).
@@ -145,6 +145,13 @@ def engineer(w: Walk) -> None:
     wait_job(pg, pg.get_by_role("heading", name="Search trace"), timeout_s=3 * LONG, watch=w.watch)
     gain = pg.get_by_test_id("stMetric").first.inner_text().replace("\n", " ")
     w.step("search (racing, other defaults)", f"{gain}; announced {cost.split('; ')[-1][:60]}")
+    go(pg, "Fidelity & retrieval")
+    pg.get_by_role("button", name="Run fidelity").click()
+    wait_job(pg, pg.get_by_role("button", name="Download the position table (CSV)"), timeout_s=LONG, watch=w.watch)
+    w.step("fidelity (defaults, with the scales)", f"{len(plots(pg))} figure(s)")
+    pg.get_by_role("button", name="Run retrieval").click()
+    wait_job(pg, pg.get_by_role("button", name="Download every prompt's scores (CSV)"), timeout_s=LONG, watch=w.watch)
+    w.step("passkey retrieval (defaults)", f"{len(plots(pg))} figure(s)")
     go(pg, "Export")
     pg.get_by_role("button", name="Download scales file").wait_for(timeout=JOB)
     idle(pg)

@@ -10,7 +10,8 @@ from qroar.preflight import parse_lengths
 # This page's settings; the defaults are the CLI's (about 12 s and 13 s on the embedded model, 2 CPU cores).
 for _name, _value in {"fid.lengths": "", "fid.max_docs": 4, "fid.nopi": False,
                       "ret.lengths": "", "ret.depths": "0,0.25,0.5,0.75,1", "ret.trials": 2,
-                      "ret.generate": False, "ret.score": "token_acc"}.items():
+                      "ret.generate": False, "ret.score": "token_acc", "ret.key": "digits", "ret.digits": 5,
+                      "ret.haystack": "corpus", "ret.seed": 0}.items():
     state.DEFAULTS.setdefault(_name, _value)
 
 st.title("Fidelity & retrieval")
@@ -48,7 +49,9 @@ def retrieval_config():
 
     return RetrievalConfig(lengths=_lengths("ret.lengths", (1, 2, 4)), depths=_depths(),
                            trials=int(state.get("ret.trials")), corpus=state.corpus_spec(),
-                           generate=bool(state.get("ret.generate")))
+                           generate=bool(state.get("ret.generate")), key=state.get("ret.key"),
+                           digits=int(state.get("ret.digits")), haystack=state.get("ret.haystack"),
+                           seed=int(state.get("ret.seed")))
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -120,6 +123,21 @@ with c3:
     w.number("Trials", "ret.trials", min_value=1, max_value=32, step=1, help="Prompts per length and depth.")
 with c4:
     w.toggle("Greedy generation too", "ret.generate", help="Also generate the key greedily, scored by exact match.")
+with st.expander("Key, haystack and seed"):
+    from qroar.retrieval import HAYSTACKS, KEYS
+
+    k1, k2, k3, k4 = st.columns(4)
+    with k1:
+        w.radio("Key", "ret.key", list(KEYS), format_func=lambda k: KEYS[k].label, help="What is hidden in the haystack.")
+    with k2:
+        w.number("Digits", "ret.digits", min_value=1, max_value=64, step=1, disabled=state.get("ret.key") != "digits",
+                 help="Length of a digits key.")
+    with k3:
+        w.radio("Haystack", "ret.haystack", list(HAYSTACKS), format_func=lambda h: HAYSTACKS[h],
+                help="Corpus text (the documents chosen on Setup) or the classic repeated filler.")
+    with k4:
+        w.number("Seed", "ret.seed", min_value=0, step=1,
+                 help="Draws the keys and the haystack offsets: the same seed rebuilds the same prompts.")
 ret_variants = ["fp", *recipe_variants(recipe)]
 
 

@@ -114,15 +114,20 @@ def test_fidelity_page_runs_both_jobs_and_refuses_bad_input(tiny_dir):
     table = at.dataframe[0].value
     assert set(table["length"]) == {64, 128} and "mean KLD" in table and (table["same top %"] <= 100).all()
 
-    at.text_input(key="w:ret.lengths").input("256").run()
+    at.text_input(key="w:ret.lengths").input("512").run()
     at.text_input(key="w:ret.depths").input("0,1").run()
     at.number_input(key="w:ret.trials").set_value(1).run()
+    at.radio(key="w:ret.key").set_value("words").run()
+    at.radio(key="w:ret.haystack").set_value("filler").run()
+    at.number_input(key="w:ret.seed").set_value(7).run()
     button(at, "Run retrieval").click().run()
     finish(at)
     ok(at)
-    assert not at.error
+    assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 2
     rec = record(at)
+    cfg = rec.jobs["retrieval"].result.settings["config"]  # the key, haystack and seed chosen reach the engine
+    assert (cfg["key"], cfg["haystack"], cfg["seed"]) == ("words", "filler", 7)
     assert [r.kind for r in rec.runs.runs()][-2:] == ["fidelity", "retrieval"]
 
     # a bad depth afterwards: an error, and the results shown stay as they were
