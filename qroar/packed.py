@@ -37,19 +37,22 @@ def _variant(wb) -> str:
     return "quant_scaled" if wb.scales is not None else "quant"
 
 
-def _check_common(wb, fmt: str) -> None:
-    if wb.qstate is None:
+def check_quant(fmt: str, q, order: str | None) -> None:
+    """ConfigError when quantizer `q` (QuantConfig or None) with scale order `order` (None: no scales) cannot be stored
+    in `fmt`: run on the recipe before a model loads, and again on the workbench before anything is written."""
+    from qroar.quant import GGUF_TYPES
+
+    if q is None or q.is_identity:
         raise ConfigError(f"The {fmt} format stores quantized weights and no quantizer is set: choose one "
                           f"({'ct or rtn --sym' if fmt == 'compressed-tensors' else 'gguf-q4_0 or gguf-q8_0'}).")
-    if wb.scales is not None and wb.scale_cfg.order != "before":
+    if order is not None and order != "before":
         raise ConfigError(f"The {fmt} format stores one grid per group and order 'after' scales the dequantized rows "
                           "off it: use order 'before' (the scaled weights are quantized) to export them.")
-
-
-def check_compressed_tensors(wb) -> None:
-    """ConfigError, before anything is written, when the recipe's quantizer is not one compressed-tensors holds."""
-    _check_common(wb, "compressed-tensors")
-    q = wb.quant_cfg
+    if fmt == "gguf":
+        if q.method not in GGUF_TYPES:
+            raise ConfigError(f"GGUF stores llama.cpp's block types; the {q.method} quantizer's grid is not one of "
+                              f"them: quantize with {' or '.join(GGUF_TYPES)} (what you tune is then what the file holds).")
+        return
     if q.method not in CT_METHODS:
         raise ConfigError(f"compressed-tensors stores a symmetric int grid; the {q.method} quantizer's weights are not "
                           "on one: quantize with ct (compressed-tensors' own rule) or rtn --sym.")
@@ -59,6 +62,16 @@ def check_compressed_tensors(wb) -> None:
         raise ConfigError("compressed-tensors' pack-quantized W4A16/W8A16 are symmetric: add --sym.")
     if q.group_size < -1:
         raise ConfigError("compressed-tensors has no per-tensor int4/int8 weight grid here: use groups or 0 (per channel).")
+
+
+def _check_common(wb, fmt: str) -> None:
+    check_quant(fmt, wb.quant_cfg if wb.qstate is not None else None,
+                wb.scale_cfg.order if wb.scales is not None else None)
+
+
+def check_compressed_tensors(wb) -> None:
+    """ConfigError, before anything is written, when the recipe's quantizer is not one compressed-tensors holds."""
+    _check_common(wb, "compressed-tensors")
 
 
 def _targets(wb) -> list[str]:
@@ -159,17 +172,12 @@ def gguf_rope_keys(rp: dict) -> dict:
 def check_gguf(wb) -> None:
     """ConfigError, before anything is written, for a quantizer, architecture, RoPE or tokenizer GGUF cannot hold."""
     from qroar import rope
-    from qroar.quant import GGUF_TYPES
 
-    _check_common(wb, "gguf")
     mt = getattr(wb.model.config, "model_type", None)
     if mt not in GGUF_ARCHS:
         raise ConfigError(f"The GGUF writer knows the {', '.join(GGUF_ARCHS)} architecture(s), not {mt!r}: "
                           "export compressed-tensors or hf for this model.")
-    q = wb.quant_cfg
-    if q.method not in GGUF_TYPES:
-        raise ConfigError(f"GGUF stores llama.cpp's block types; the {q.method} quantizer's grid is not one of them: "
-                          f"quantize with {' or '.join(GGUF_TYPES)} (what you tune is then what the file holds).")
+    _check_common(wb, "gguf")
     gguf_rope_keys(rope.rope_parameters(wb.model.config))
     tok = _tokenizer_json(wb)
     if tok is not None and tok["model"]["type"] != "BPE":
