@@ -299,6 +299,12 @@ def write_gguf(wb, folder: Path) -> dict:
             "quantizer": wb.quant_cfg.describe()}
 
 
+def rope_text_vocab(wb) -> int:
+    from qroar import rope
+
+    return rope.text_config(wb.model.config).vocab_size
+
+
 def _add_tokenizer(w, wb) -> None:
     tok = _tokenizer_json(wb)
     if tok is None:
@@ -307,7 +313,7 @@ def _add_tokenizer(w, wb) -> None:
     for a in tok.get("added_tokens", []):
         vocab.setdefault(a["content"], a["id"])
     special = {a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
-    n = max(vocab.values()) + 1
+    n = max(max(vocab.values()) + 1, int(rope_text_vocab(wb)))  # llama.cpp wants one token per embedding row
     tokens = [f"[PAD{i}]" for i in range(n)]
     for t, i in vocab.items():
         tokens[i] = t
