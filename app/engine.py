@@ -556,8 +556,26 @@ def check_export_folder(folder: str):
     return path
 
 
-def load_snippet(folder) -> str:
+def load_snippet(folder, fmt: str = "hf") -> str:
     """Plain transformers code that loads an exported folder (no qroar needed)."""
+    if fmt == "gguf":
+        return (
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from qroar.stock_reload import read_gguf_rope, rope_from_gguf_keys  # or copy these two functions\n\n"
+            f'folder = r"{folder}"\n'
+            'config = AutoConfig.from_pretrained(folder, gguf_file="model.gguf")\n'
+            "# transformers' GGUF loader ignores rope.scaling.*: put the file's scaling back\n"
+            'config.rope_parameters = rope_from_gguf_keys(read_gguf_rope(f"{folder}/model.gguf"))\n'
+            'model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", config=config)\n'
+            "# llama.cpp: llama-cli -m model.gguf (it reads the rope scaling from the file)"
+        )
+    if fmt == "compressed-tensors":
+        return (
+            "from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # pip install compressed-tensors\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained(r"{folder}",\n'
+            "    quantization_config=CompressedTensorsConfig(dequantize=True))  # CPU; vLLM/SGLang load the folder as is\n"
+            "# config.json carries the position interpolation and the quantization_config"
+        )
     return (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained(r"{folder}")\n'
@@ -574,6 +592,82 @@ class CheckpointExport:
     bytes: int
     snippet: str
     seconds: float
+    fmt: str = "hf"
+    fp_bytes: int = 0  # the model's weights in full precision (tied ones once): what the export is set against
+
+
+def fp_weight_bytes(model) -> int:
+    """Bytes of the model's parameters as loaded (a tied tensor counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    path: str
+    qroar_ppl: float  # qroar's evaluator on the in-memory weights (what Tune and Search show)
+    stock_ppl: float  # the written file reloaded by transformers (+ compressed-tensors / gguf) in another process
+    tokens: int
+    rope_parameters: dict
+    loader: str
+    note: str
+
+    @property
+    def rel_diff(self) -> float:
+        return abs(self.stock_ppl - self.qroar_ppl) / self.qroar_ppl
+
+
+VERIFY_TOKENS = 2048  # one window, capped by the corpus's first document
+
+
+def verify_job(backend: Backend, key: ModelKey, recipe, path, corpus: str = "embedded:dev", tokens: int = VERIFY_TOKENS):
+    """Reload a written compressed-tensors or GGUF export in a separate process with stock libraries only
+    (qroar/stock_reload.py: transformers + compressed-tensors / gguf) and compare its perplexity on one window with
+    qroar's on the same token ids."""
+    def run(progress: Progress, cancel: threading.Event) -> VerifyResult:
+        import json
+        import subprocess
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        import torch
+
+        from qroar import stock_reload
+        from qroar.errors import ConfigError
+        from qroar.perplexity import EvalConfig, needs_bos
+
+        target = Path(str(path))
+        if not (target / "qroar_scales.json").is_file():
+            raise ConfigError(f"{target} holds no qroar export: export a compressed-tensors or gguf folder first.")
+        wb = backend.models.get(key, sub_progress(progress, 0.0, 0.05)).wb
+        with wb.lock:
+            _on_model(backend, key, recipe, progress, cancel, 0.3)
+            ids = wb.corpus(corpus).tokens[0].tolist()
+            if needs_bos(wb.tokenizer, wb.model) and wb.tokenizer.bos_token_id is not None:
+                ids = [wb.tokenizer.bos_token_id] + ids
+            ids = ids[:tokens]
+            progress(0.3, "qroar's perplexity on the window")
+            variant = "quant_scaled" if wb.scales is not None else "quant"
+            ours = float(wb.evaluate([torch.tensor(ids)], EvalConfig(lengths=(len(ids),), max_windows_per_doc=1,
+                                                                      add_bos=False), variant).table["ppl"].iloc[0])
+        progress(0.5, "reloading the file with stock libraries in a separate process")
+        with tempfile.TemporaryDirectory(prefix="qroar-verify-") as tmp:
+            ids_path = Path(tmp) / "ids.json"
+            ids_path.write_text(json.dumps(ids))
+            r = subprocess.run([sys.executable, stock_reload.__file__, str(target), "--tokens", str(ids_path)],
+                               capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            raise ConfigError(f"The stock reload of {target} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        note = ("transformers' GGUF loader reads no rope.scaling.* key: the scaling was read with gguf.GGUFReader and "
+                "set on the config before loading" if got.get("rope_from_gguf_reader") else "")
+        return VerifyResult(str(target), ours, float(got["ppl"]), len(ids), got["rope_parameters"], got["loader"], note)
+    return run
 
 
 def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "hf", result=None,
@@ -598,7 +692,9 @@ def checkpoint_job(backend: Backend, key: ModelKey, recipe, folder, fmt: str = "
                 raise Cancelled("Export cancelled before anything was written.")
             progress(0.5, f"writing {target}")
             path = export(wb, fmt, target, result=result, overwrite=overwrite)
+            fp = fp_weight_bytes(wb.model)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        return CheckpointExport(str(path), files, export_format(fmt).needs_quantizer, size, load_snippet(path), time.time() - t0)
+        return CheckpointExport(str(path), files, export_format(fmt).needs_quantizer, size, load_snippet(path, fmt),
+                                time.time() - t0, fmt, fp)
     return run

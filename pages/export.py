@@ -3,7 +3,8 @@
 import streamlit as st
 
 from app import state, widgets as w
-from app.engine import MAX_SCALES_FILE_BYTES, checkpoint_job, import_scales, loaded_entry, scales_file_job
+from app.engine import (MAX_SCALES_FILE_BYTES, checkpoint_job, import_scales, loaded_entry, scales_file_job,
+                        verify_job)
 from app.jobs import DONE
 from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
@@ -117,7 +118,10 @@ with c2:
     w.radio("Format", "export.format", [k for k, f in FORMATS.items() if f.folder], horizontal=True,
             format_func=lambda k: FORMATS[k].label,
             help="hf: full precision, quantize it with your own tool afterwards. fake-quant: the exact weights "
-                 "Q-ROAR evaluated, stored in the model's dtype.")
+                 "Q-ROAR evaluated, stored in the model's dtype. compressed-tensors / gguf: packed int4/int8 files that "
+                 "stock runtimes load, with the PI settings inside; they need the format's own quantizer on Setup "
+                 "(ct, or rtn with a symmetric grid; gguf-q4_0 / gguf-q8_0 / ...), so the perplexities of Tune and "
+                 "Search are the file's.")
 busy = w.is_running("checkpoint")
 if st.button("Export folded checkpoint", icon=":material/save:", disabled=busy):
     fn = checkpoint_job(state.backend(), state.loaded_key(), recipe, state.get("export.folder"),
@@ -129,5 +133,29 @@ if ck is not None and ck.status == DONE:
     r = ck.result
     st.success(f"Written to `{r.path}` ({r.bytes / 1e6:.1f} MB, {'fake-quantized' if r.quantized else 'full precision'}, "
                f"{r.seconds:.1f} s): " + ", ".join(r.files), icon=":material/check_circle:")
+    if r.fp_bytes:
+        st.caption(f"Size: {r.bytes / 1e6:.1f} MB against {r.fp_bytes / 1e6:.1f} MB of full-precision weights "
+                   f"({r.bytes / r.fp_bytes:.0%}).")
     st.caption("Load it with plain transformers; qroar is not needed:")
     st.code(r.snippet, language="python")
+    if r.fmt in ("compressed-tensors", "gguf"):
+        if st.button("Verify: reload with stock libraries and compare perplexity", icon=":material/fact_check:",
+                     disabled=w.is_running("verify"),
+                     help="A separate process loads the file with transformers (+ compressed-tensors / gguf), not "
+                          "qroar's loader, and measures perplexity on one window; qroar measures the same window."):
+            state.submit("verify", verify_job(state.backend(), state.loaded_key(), recipe, r.path),
+                         label="Verifying the export", meta={"path": r.path})
+            st.rerun()
+vj = w.job_status("verify")
+if vj is not None and vj.status == DONE:
+    v = vj.result
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Dashboard (qroar, in memory)", f"{v.qroar_ppl:.4f}")
+    c2.metric("Reloaded file (stock libraries)", f"{v.stock_ppl:.4f}")
+    c3.metric("Relative difference", f"{v.rel_diff:.1e}")
+    rp = v.rope_parameters
+    st.caption(f"One window of {v.tokens} tokens · {v.loader} · rope after reload: {rp.get('rope_type')}"
+               + (f" x{rp.get('factor')} (original {rp.get('original_max_position_embeddings')})"
+                  if rp.get("rope_type") not in (None, "default") else ""))
+    if v.note:
+        st.caption(f":material/info: {v.note}")

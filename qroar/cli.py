@@ -383,17 +383,25 @@ def add_export(sub) -> None:
 
 def cmd_export(a) -> int:
     from qroar.errors import ConfigError
-    from qroar.export import FORMATS, apply_scales, check_export, export
+    from qroar.export import FORMATS, apply_scales, check_export, export, load_scales
 
     preflight.check(a, "export")
     fmt = FORMATS[a.format]
     check_export(a.format, a.out, a.overwrite)  # before loading the model and calibrating
+    if a.format in ("compressed-tensors", "gguf"):  # the file's quantizer must be one the format stores
+        from qroar.packed import check_quant
+
+        pre = load_scales(a.scales)
+        check_quant(a.format, pre.quant, pre.scale_cfg.order)
     sf, wb = _open_for_scales(a)
     if fmt.needs_quantizer and sf.quant is None:
         raise ConfigError(f"{a.scales} was made without a quantizer: choose --format hf (full precision).")
     apply_scales(wb, sf, quantize=fmt.needs_quantizer, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     path = export(wb, a.format, a.out, meta=sf.raw, overwrite=a.overwrite)
     print(f"wrote {path} ({fmt.label}; PI {wb.pi.label()})")
+    if a.format == "gguf":
+        print("note: transformers' GGUF loader reads no rope.scaling.* key; read them with gguf.GGUFReader and set "
+              "config.rope_parameters before loading (qroar/stock_reload.py does), llama.cpp reads them itself")
     return 0
 
 

@@ -503,13 +503,14 @@ class ExportFormat:
     write(wb, path, result=None, meta=None, **options), from the workbench's applied recipe: a folder format writes its
     files into the new, empty folder `path` and returns the dict that qroar_scales.json records (export() adds the
     list of files under "export"); a file format writes the one file `path`. needs_quantizer: refuses a recipe
-    without one.
+    without one. check(wb): refuses, before anything is written, a recipe the format cannot hold.
     """
 
     write: object
     label: str
     needs_quantizer: bool = False
     folder: bool = True
+    check: object = None  # check(wb): ConfigError, before anything is written, for a recipe the format cannot hold
 
 
 def _write_scales(wb, path, result=None, meta=None, **options) -> None:
@@ -538,11 +539,42 @@ def _write_fake_quant(wb, path, result=None, meta=None, **options) -> dict:
     return _write_checkpoint(wb, path, True, result, meta)
 
 
+def _write_packed(writer):
+    def write(wb, path, result=None, meta=None, **options) -> dict:
+        record = dict(meta) if meta is not None else (scales_payload(wb, result) if wb.scales is not None else {"scales": None})
+        record["export"] = {"variant": "quant_scaled" if wb.scales is not None else "quant", "quantized": True,
+                            **writer(wb, Path(path))}
+        return record
+    return write
+
+
+def _packed(name):
+    def write(wb, folder):
+        from qroar import packed
+
+        return getattr(packed, name)(wb, folder)
+    return write
+
+
+def _check_packed(name):
+    def check(wb):
+        from qroar import packed
+
+        getattr(packed, name)(wb)
+    return check
+
+
 FORMATS: dict[str, ExportFormat] = {
     "hf": ExportFormat(_write_hf, "Hugging Face folder, full-precision weights with the scales folded in"),
     "fake-quant": ExportFormat(_write_fake_quant, "Hugging Face folder, fake-quantized scaled weights (full-precision storage)",
                                needs_quantizer=True),
     "scales": ExportFormat(_write_scales, "scales file (JSON): the recipe and the search's results", folder=False),
+    "compressed-tensors": ExportFormat(_write_packed(_packed("write_compressed_tensors")),
+                                       "compressed-tensors pack-quantized W4A16/W8A16 (transformers, vLLM, SGLang load it)",
+                                       needs_quantizer=True, check=_check_packed("check_compressed_tensors")),
+    "gguf": ExportFormat(_write_packed(_packed("write_gguf")),
+                         "GGUF file, llama.cpp's Q4_0/Q8_0/... blocks + tokenizer + rope scaling (llama.cpp, transformers)",
+                         needs_quantizer=True, check=_check_packed("check_gguf")),
 }
 
 
@@ -567,6 +599,8 @@ def export(wb, fmt: str, path, result=None, meta=None, overwrite: bool = False, 
     if f.needs_quantizer and wb.qstate is None:
         raise ConfigError(f"The {fmt} format stores quantized weights, and no quantizer is set: choose a quantizer, "
                           "or the hf format for full precision.")
+    if f.check is not None:
+        f.check(wb)
     path = Path(path)
     keep = check_export(fmt, path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)

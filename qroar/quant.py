@@ -75,6 +75,16 @@ class QuantConfig:
             raise ConfigError(f"group_size={self.group_size}: use a positive size, 0/-1 per channel or -2 per tensor.")
         if self.scope not in SCOPES:
             raise ConfigError(f"scope {self.scope!r} is unknown; choose one of {', '.join(SCOPES)}.")
+        q = QUANTIZERS[self.method]
+        wrong = [(k, v) for k, v in q.fixed if getattr(self, k) != v]
+        if wrong and not self.is_identity:
+            want = " ".join(_FLAG[k](v) for k, v in q.fixed)
+            got = ", ".join(f"{k} {getattr(self, k)}" for k, _ in wrong)
+            raise ConfigError(f"{self.method} stores {q.label.split('(')[0].strip()}: it holds only {want} "
+                              f"(got {got}); use {want}, or another quantizer.")
+        why = q.allowed(self)
+        if why:
+            raise ConfigError(f"{self.method}: {why}.")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp={self.damp}: GPTQ damping must be in (0, 1); 0.01 is usual.")
         if self.block_size < 1 or self.awq_grid < 2:
@@ -103,6 +113,15 @@ class QuantConfig:
         if unknown:
             raise ConfigError(f"unknown quantization settings: {', '.join(sorted(unknown))}.")
         return cls(**d).validate()
+
+
+_FLAG = {"bits": lambda v: f"--bits {v}", "group_size": lambda v: f"--group-size {v}",
+         "symmetric": lambda v: "--sym" if v else "no --sym (asymmetric)"}
+
+
+def method_defaults(method: str) -> dict:
+    """The settings a method fixes (e.g. gguf-q4_0: bits 4, group_size 32, symmetric): what choosing it sets."""
+    return dict(QUANTIZERS[method].fixed) if method in QUANTIZERS else {}
 
 
 # ----------------------------------------------------------------------------- RTN primitives
@@ -335,6 +354,45 @@ def awq_search_clip(ws: torch.Tensor, xs: torch.Tensor, cfg: QuantConfig, max_sh
 def _rtn(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
     grid = stats if isinstance(stats, tuple) else None
     return fake_quant(w, cfg, grid)
+
+
+def ct_scale(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """compressed-tensors' symmetric int grid (its calculate_qparams): scale = max|w| / ((2^bits - 1) / 2) per
+    (row, group), in the weight's dtype, an all-zero group getting the dtype's eps; codes in [-2^(bits-1), 2^(bits-1) - 1]."""
+    x = _grouped(w, cfg.group_size)
+    amax = torch.maximum(x.amin(-1).clamp(max=0).abs(), x.amax(-1).clamp(min=0))
+    scale = amax / torch.tensor((2**cfg.bits - 1) / 2, dtype=amax.dtype)
+    return torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
+
+
+def _ct(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
+    """compressed-tensors' W4A16 / W8A16 group quantizer: round(w / scale) clamped to the signed range, times scale."""
+    scale = ct_scale(w, cfg)[..., None]
+    q = torch.clamp(torch.round(_grouped(w, cfg.group_size) / scale), -(2 ** (cfg.bits - 1)), 2 ** (cfg.bits - 1) - 1)
+    return (q.to(scale.dtype) * scale).reshape(w.shape).to(w.dtype)
+
+
+def rtn_scale(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """The scale of RTN's symmetric grid per (row, group): its codes minus the zero are signed integers times it."""
+    return group_qparams(w, cfg.bits, cfg.group_size, True)[0]
+
+
+GGUF_TYPES = {"gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1", "gguf-q5_0": "Q5_0", "gguf-q8_0": "Q8_0"}
+
+
+def _gguf(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
+    """llama.cpp's block quantizer (blocks of 32 along the input dim; fp16 block scales) as the `gguf` package's
+    reference `gguf.quants` implements it: quantize to the file's bytes and back, so the model holds what a GGUF
+    file of this type stores."""
+    try:
+        import numpy as np
+        from gguf import GGMLQuantizationType, quants
+    except ImportError:
+        raise ConfigError("The gguf-* quantizers need the gguf package: pip install gguf.") from None
+    qtype = GGMLQuantizationType[GGUF_TYPES[cfg.method]]
+    x = w.detach().float().cpu().numpy()
+    out = quants.dequantize(quants.quantize(np.ascontiguousarray(x), qtype), qtype)
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(w.shape).to(w.device, w.dtype)
 
 
 def _gptq(w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
@@ -638,6 +696,8 @@ class Quantizer:
     row_scale_equivariant: Callable[[QuantConfig], bool] = _rowwise
     frozen_rows: Callable[[QuantConfig], bool] = lambda cfg: False
     label: str = ""
+    fixed: tuple[tuple[str, Any], ...] = ()  # settings a file format fixes (GGUF Q4_0: 4 bits, blocks of 32, symmetric)
+    allowed: Callable[[QuantConfig], str | None] = lambda cfg: None  # why a setting cannot be held, or None
 
     def __call__(self, w: torch.Tensor, cfg: QuantConfig, stats=None) -> torch.Tensor:
         return self.fn(w, cfg, stats)
@@ -651,6 +711,24 @@ QUANTIZERS: dict[str, Quantizer] = {
     "awq": Quantizer(_awq, True, _awq_accumulate, _awq_group, row_scale_equivariant=lambda cfg: False,
                      frozen_rows=lambda cfg: cfg.group_size != PER_TENSOR, label="AWQ (activation-aware scales)"),
 }
+def _gguf_entry(qtype: str, bits: int, symmetric: bool) -> Quantizer:
+    return Quantizer(_gguf, fixed=(("bits", bits), ("group_size", 32), ("symmetric", symmetric)),
+                     label=f"GGUF {qtype} (llama.cpp's blocks of 32, as the file stores them)")
+
+
+def _ct_allowed(cfg: QuantConfig) -> str | None:
+    if cfg.bits not in (4, 8, 16):
+        return (f"the ct quantizer writes compressed-tensors W4A16 or W8A16, which have no {cfg.bits}-bit type: "
+                "use --bits 4 or --bits 8")
+    if cfg.group_size == PER_TENSOR:
+        return "compressed-tensors' W4A16/W8A16 schemes have groups or one grid per channel, not per tensor"
+    return None
+
+
+QUANTIZERS["ct"] = Quantizer(_ct, allowed=_ct_allowed, fixed=(("symmetric", True),),
+                             label="compressed-tensors' symmetric int4/int8 group quantizer (its scale rule)")
+for _m, _t in GGUF_TYPES.items():
+    QUANTIZERS[_m] = _gguf_entry(_t, int(_t[1]), _t.endswith("_0"))
 METHODS = tuple(QUANTIZERS)
 NEEDS_CALIBRATION = tuple(m for m, q in QUANTIZERS.items() if q.needs_calibration)
 

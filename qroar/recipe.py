@@ -131,6 +131,10 @@ class Recipe:
             new = replace(self.bands, **{rest: value})
             keep = new.n_bands == self.bands.n_bands
             return replace(self, bands=new, edges=None, windows=None, scales=self.scales if keep else None)
+        if head == "quant" and rest == "method":  # a file format's quantizer brings the settings it fixes
+            from qroar.quant import method_defaults
+
+            return replace(self, quant=replace(self.quant, method=value, **method_defaults(value)))
         if head in ("quant", "scale"):
             return replace(self, **{head: replace(getattr(self, head), **{rest: value})})
         if head not in self.__dataclass_fields__ or rest:
@@ -209,7 +213,7 @@ class Recipe:
             k, v = kv.split("=", 1)
             params.append((k.strip(), _parse_value(v.strip())))
         pi = rope.PIConfig(a.pi, a.factor, a.original, tuple(sorted(params)))
-        quant = QuantConfig(**{s.field: getattr(a, s.dest) for s in QUANT_ARGS})
+        quant = _quant_from_args(a)
         edges = _int_list(a.edges, "--edges") if a.edges else None
         scales = _float_list(a.scales, "--scales") if a.scales else None
         windows = None
@@ -224,6 +228,19 @@ class Recipe:
             bands = replace(bands, n_bands=len(edges) - 1)
         return cls(pi=pi, quant=quant, calib=a.calib, bands=bands, edges=edges,
                    scale=ScaleConfig(a.mode, a.order), scales=scales, windows=windows)
+
+
+def _quant_from_args(a: argparse.Namespace) -> QuantConfig:
+    """QuantConfig of the arguments; a setting not given takes the method's fixed value (gguf-q4_0: 4 bits, blocks
+    of 32, symmetric), else the Recipe's default. A given one that the method cannot hold is refused by QuantConfig."""
+    from qroar.quant import method_defaults
+
+    base, fixed = Recipe().quant, method_defaults(a.quant)
+    values = {}
+    for s in QUANT_ARGS:
+        v = getattr(a, s.dest)
+        values[s.field] = fixed.get(s.field, getattr(base, s.field)) if v is None else v
+    return QuantConfig(**values)
 
 
 def _num(v) -> str:
@@ -313,14 +330,15 @@ def add_args(p: argparse.ArgumentParser, scales: bool = True) -> None:
     g = p.add_argument_group("weight quantization")
     for s in QUANT_ARGS:
         default = getattr(base.quant, s.field)
-        if s.kind == "flag":
-            g.add_argument(s.flag, dest=s.dest, action="store_true", help=s.help)
+        if s.kind == "flag":  # None when not given: the method's fixed value (or the default) applies
+            g.add_argument(s.flag, dest=s.dest, action="store_true", default=None, help=s.help)
         elif s.dest == "quant":
             g.add_argument(s.flag, dest=s.dest, default=default, choices=list(QUANTIZERS), help=s.help)
         elif s.dest == "scope":
             g.add_argument(s.flag, dest=s.dest, default=default, choices=SCOPES, help=s.help)
         else:
-            g.add_argument(s.flag, dest=s.dest, type=int, default=default, help=f"{s.help} (default {default})")
+            g.add_argument(s.flag, dest=s.dest, type=int, default=None,
+                           help=f"{s.help} (default {default}, or the value the quantizer fixes)")
     g.add_argument("--calib", default=base.calib, help="calibration corpus for calibrated quantizers (gptq, awq)")
     g = p.add_argument_group("bands and scales")
     g.add_argument("--bands", type=int, default=base.bands.n_bands, help="number of RoPE frequency bands (4-16)")

@@ -349,3 +349,30 @@ def test_tune_job_max_docs_evaluates_only_the_first_documents(tiny_dir, tmp_path
     assert one.table["doc"].nunique() == 1 and every.table["doc"].nunique() == 3
     first = every.table[every.table["doc"] == one.table["doc"].iloc[0]].set_index("variant")["nll"]
     assert one.table.set_index("variant")["nll"].to_dict() == pytest.approx(first.to_dict())
+
+
+def test_export_page_writes_gguf_shows_size_and_verifies_with_stock_libraries(tiny_dir, tmp_path):
+    """The packed formats are choices of the Export page; Verify reloads the file in another process with transformers
+    + gguf and shows both perplexities on the same window (equal: the file holds the weights the dashboard measured)."""
+    from qroar.export import FORMATS
+
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "scales": [1.1, 1.0, 0.95, 1.0], "pi.rope_type": "yarn",
+                                    "quant.method": "gguf-q8_0", "export.folder": str(tmp_path / "g")}), "export")
+    finish(at)
+    ok(at)
+    options = at.radio(key="w:export.format").options
+    assert {FORMATS["gguf"].label, FORMATS["compressed-tensors"].label} <= set(options)
+    at.radio(key="w:export.format").set_value("gguf").run()
+    button(at, "Export folded checkpoint").click().run()
+    finish(at)
+    ok(at)
+    assert (tmp_path / "g" / "model.gguf").is_file()
+    assert any("full-precision weights" in c.value for c in at.caption)  # size against FP
+    button(at, "Verify: reload with stock libraries and compare perplexity").click().run()
+    finish(at)
+    ok(at)
+    metrics = {m.label: float(m.value) for m in at.metric}
+    ours, theirs = metrics["Dashboard (qroar, in memory)"], metrics["Reloaded file (stock libraries)"]
+    assert theirs == pytest.approx(ours, rel=1e-3)  # shown to 4 decimals
+    assert any("rope after reload: yarn" in c.value for c in at.caption)
+    assert any("GGUFReader" in c.value for c in at.caption)
