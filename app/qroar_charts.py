@@ -272,6 +272,39 @@ def scales_figure(scales, windows: pd.DataFrame, folds: pd.DataFrame | None = No
     return fig
 
 
+def is_per_layer(scales) -> bool:
+    return scales is not None and len(scales) > 0 and isinstance(scales[0], (list, tuple))
+
+
+def scales_table(scales) -> pd.DataFrame:
+    """Shared scales: one row per band (band, scale g_b); per-layer ones: one row per layer, a column per band."""
+    if is_per_layer(scales):
+        t = pd.DataFrame([list(map(float, r)) for r in scales], columns=[f"b{b}" for b in range(len(scales[0]))])
+        t.insert(0, "layer", range(len(scales)))
+        return t
+    return pd.DataFrame({"band": [f"b{b}" for b in range(len(scales))], "scale g_b": [float(g) for g in scales]})
+
+
+def layer_scales_figure(scales, height: int | None = None) -> go.Figure:
+    """Per-layer scales as a layer x band heatmap, coloured by log g around 1 (red: above 1, blue: below)."""
+    g = [[float(x) for x in row] for row in scales]
+    if not g or not all(len(r) == len(g[0]) for r in g):
+        raise ValueError("per-layer scales need one list of band scales per layer, all of one length")
+    z = [[math.log(x) for x in row] for row in g]
+    lim = max(max(abs(v) for row in z for v in row), 1e-6)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"b{b}" for b in range(len(g[0]))], y=[f"L{i}" for i in range(len(g))], customdata=g,
+        zmin=-lim, zmax=lim, colorscale="RdBu_r", zmid=0,
+        colorbar=dict(title="g", tickvals=[-lim, 0, lim], ticktext=[f"{math.exp(-lim):.3g}", "1", f"{math.exp(lim):.3g}"]),
+        text=[[f"{x:.3f}" for x in row] for row in g], texttemplate="%{text}" if len(g) * len(g[0]) <= 160 else None,
+        hovertemplate="layer %{y}, band %{x}: g = %{customdata:.4f}<extra></extra>"))
+    fig.update_yaxes(title_text="layer", autorange="reversed")
+    fig.update_xaxes(title_text="band (b0 = highest frequency)")
+    fig = _style(fig, height or max(260, 40 + 22 * len(g)))
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
 def trace_positions(history: pd.DataFrame) -> pd.Series:
     """x of each tried candidate: its band, spread by the candidate's rank within the band (log g order)."""
     x = pd.Series(0.0, index=history.index)
@@ -328,7 +361,9 @@ def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_shor
     hover = "band %{customdata[0]}, g = %{customdata[1]:.4f}: %{y:+.3f}% on %{customdata[2]} document(s)<extra></extra>"
     for s, d in h.groupby("sweep"):
         ok = d[d["guard_ok"].astype(bool)]
-        fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers", name=f"sweep {int(s) + 1}",
+        refine = "group" in d and d["group"].notna().any()  # the per-layer strategy's refinement of layer groups
+        fig.add_trace(go.Scatter(x=ok["x"], y=ok["obj_pct"], mode="markers",
+                                 name="layer groups" if refine else f"sweep {int(s) + 1}",
                                  marker=dict(size=ok["size"], color=palette[int(s) % 2]),
                                  customdata=ok[["band", "g", "docs"]], hovertemplate=hover),
                       row=1, col=1)
@@ -339,7 +374,7 @@ def trace_figure(history: pd.DataFrame, baseline_objective: float, baseline_shor
                                              symbol="circle" if ok else "x"),
                                  customdata=d[["band", "g", "docs"]], hovertemplate=hover),
                       row=2, col=1)
-    if chosen is not None:
+    if chosen is not None and not is_per_layer(chosen):
         pick = [(b, float(g)) for b, g in enumerate(chosen) if float(g) != 1.0]
         sel = h[[any(r.band == b and abs(r.g - g) < 1e-12 for b, g in pick) for r in h.itertuples()]]
         sel = sel[sel["guard_ok"].astype(bool)].drop_duplicates("band", keep="last")

@@ -21,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qroar.errors import ConfigError
+from qroar.rescale import describe_scales
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 KINDS = ("perplexity", "diagnostics", "tune", "search", "fidelity", "retrieval")  # job kinds a report draws, in this order
@@ -78,7 +79,7 @@ def settings_table(s: ReportSettings) -> pd.DataFrame:
     rows.append(("stride", e.get("stride") or "non-overlapping"))
     rows.append(("bands", f"{r.bands.n_bands} ({r.bands.align}-spaced)"))
     rows.append(("rescaling", f"{r.scale.mode} mode, {r.scale.order} quantization"))
-    rows.append(("scales", "all 1" if r.scales is None else ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales))
+    rows.append(("scales", "all 1" if r.scales is None else describe_scales(r.scales)
                  + (f" ({s.scales_from})" if s.scales_from and r.scales is not None else "")))
     return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
 
@@ -247,7 +248,7 @@ def tune_section(res, s: ReportSettings) -> Section:
     from app import qroar_charts
 
     t = res.recipe
-    scales = pd.DataFrame({"band": [f"b{b}" for b in range(len(t.scales))], "scale g_b": list(t.scales)})
+    scales = qroar_charts.scales_table(t.scales)
     text = f"Scales set by hand ({t.scale.mode} mode, {t.scale.order} quantization), {res.seconds:.1f} s."
     if res.note:
         text += f" Note: {res.note}"
@@ -260,7 +261,9 @@ def tune_section(res, s: ReportSettings) -> Section:
 def search_section(res, s: ReportSettings) -> Section:
     from app import qroar_charts
 
-    figs = [("search_scales", qroar_charts.scales_figure(res.scales, res.windows, res.folds))]
+    layered = qroar_charts.is_per_layer(res.scales)
+    figs = [("search_scales", qroar_charts.layer_scales_figure(res.scales) if layered
+             else qroar_charts.scales_figure(res.scales, res.windows, res.folds))]
     dev_quant = res.dev[res.dev["variant"] == "quant"]
     if len(res.history) and len(dev_quant):
         short = float(dev_quant.loc[dev_quant["length"].idxmin(), "log_ppl"])
@@ -270,7 +273,7 @@ def search_section(res, s: ReportSettings) -> Section:
     held = res.heldout.pivot(index="length", columns="variant", values="ppl").reset_index()
     if {"quant", "quant_scaled"} <= set(held.columns):
         held["scaled vs PTQ %"] = 100 * (held["quant_scaled"] / held["quant"] - 1)
-    windows = res.windows.assign(scale=res.scales)
+    windows = res.windows if layered else res.windows.assign(scale=res.scales)
     text = (f"Held-out objective change {100 * res.heldout_gain():+.3f}% ({res.spent} {res.unit}, "
             f"{res.seconds:.1f} s).")
     if len(figs) > 1:
@@ -278,6 +281,9 @@ def search_section(res, s: ReportSettings) -> Section:
     if res.note:
         text += f" Note: {res.note} The change is rounding noise, not a gain."
     tables = [("Held-out perplexity (documents the search never saw)", held), ("Windows and chosen scales", windows)]
+    if layered:
+        tables[1] = ("Windows", windows)
+        tables.append(("Chosen scales per layer (layers x bands)", qroar_charts.scales_table(res.scales)))
     if res.folds is not None:
         tables.append(("k-fold stability of the chosen scales", res.folds))
     return Section("Search", text, tuple(figs), tuple(tables), (search_command(s, res),))
@@ -321,7 +327,9 @@ def sections(results: dict[str, Any], s: ReportSettings) -> list[Section]:
     out += [SECTIONS[k](results[k], s) for k in KINDS if results.get(k) is not None]
     r = s.r
     if r.scales is not None:
-        scales = pd.DataFrame({"band": [f"b{b}" for b in range(len(r.scales))], "scale g_b": list(r.scales)})
+        from app.qroar_charts import scales_table
+
+        scales = scales_table(r.scales)
         out.append(Section("Chosen scales", (f"From {s.scales_from}; " if s.scales_from else "")
                            + f"{r.scale.mode} mode, {r.scale.order} quantization; "
                            "save them as a scales file from the Export page (`qroar apply` / `qroar export` read it).",

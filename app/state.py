@@ -68,6 +68,8 @@ DEFAULTS = {
     "search.strategy": "race",  # a key of qroar.search.STRATEGIES; racing by default: several times cheaper on a CPU
     "search.objective": "ppl",  # a key of qroar.search.OBJECTIVES
     "search.nested": False,  # every length from one forward at the longest
+    "search.layer_groups": 4,  # strategy "layer": contiguous layer groups with their own band scales
+    "qroar.layer_base": None,  # Tune over per-layer scales: the per-layer scales its band multipliers act on
     "export.folder": "",
     "export.format": "hf",  # a key of qroar.export.FORMATS
     "export.overwrite": False,  # replace an earlier export in export.folder

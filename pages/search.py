@@ -71,6 +71,12 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
                      "on the first dev document, then only the best third that beat the current scale on more documents "
                      "(1, 3, 9, ..., all): several times cheaper on many documents; it can miss a candidate that wins "
                      "only on later documents.")
+        if state.get("search.strategy") == "layer":
+            n_layers = int(info.get("n_layers") or 1)
+            w.number("Layer groups", "search.layer_groups", min_value=1, max_value=n_layers, step=1,
+                     help=f"Contiguous groups of layers, each with its own band scales after the shared descent "
+                          f"({n_layers} = every layer its own). More groups: more evaluations, and more room to "
+                          "overfit the dev documents; the held-out numbers decide.")
         w.select("Objective", "search.objective", list(OBJECTIVES), format_func=lambda k: OBJECTIVES[k].label)
         w.toggle("Nested windows (one forward per window)", "search.nested",
                  help="Shorter lengths are scored on the prefixes of the longest windows, so every length costs one "
@@ -113,7 +119,8 @@ def search_config() -> SearchConfig:
         dev_corpus=state.get("search.dev").strip(), heldout_corpus=state.get("search.heldout").strip(),
         max_windows_per_doc=int(state.get("search.max_windows")) or None,
         checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
-        objective=state.get("search.objective"), nested=bool(state.get("search.nested")))
+        objective=state.get("search.objective"), nested=bool(state.get("search.nested")),
+        layer_groups=int(state.get("search.layer_groups")))
 
 
 def _forwards(sizes_of, spec):
@@ -200,7 +207,12 @@ if st.button("Use these scales on Tune", icon=":material/tune:", type="primary")
     st.switch_page(w.page_path("tune"))
 
 st.subheader("Chosen scales")
-st.plotly_chart(qc.scales_figure(r.scales, r.windows, r.folds), width="stretch")
+if qc.is_per_layer(r.scales):
+    st.plotly_chart(qc.layer_scales_figure(r.scales), width="stretch")
+    st.caption("Per-layer scales (layers x bands): the shared descent first, then each layer group's bands refined "
+               "around it. Colour: log g (red above 1, blue below).")
+else:
+    st.plotly_chart(qc.scales_figure(r.scales, r.windows, r.folds), width="stretch")
 if r.folds is not None:
     st.caption(f"k-fold stability: each fold searched on the dev documents outside it ({cfg.k_folds} folds). "
                "A small spread means the choice does not hinge on a few documents.")

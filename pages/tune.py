@@ -9,6 +9,7 @@ from app import qroar_charts as qc, state, widgets as w
 from app.engine import loaded_entry, matching_tir, tune_job
 from qroar import recipe as recipe_mod
 from qroar.errors import QroarError
+from qroar.rescale import describe_scales
 from qroar.search import G_FLOOR, W_MAX, W_MIN
 
 RULE = (f"Window rule (qroar.search.derive_windows): G_b = [exp(-w_b), exp(w_b)] with "
@@ -29,10 +30,26 @@ def window_key(b: int) -> str:
     return f"w:qroar.window{b}"
 
 
-def set_scale(b: int, scales: tuple, window: tuple) -> None:
+def effective(values, base):
+    """The scales the model gets: the sliders' values, or over per-layer scales `base` each layer's times the band's
+    multiplier."""
+    if base is None:
+        return list(values)
+    return [[g * m for g, m in zip(row, values)] for row in base]
+
+
+def multipliers(scales, base):
+    """Per-band multipliers m with scales = base x m in every layer, or None when the scales are not of that form."""
+    m = [g / b for g, b in zip(scales[0], base[0])]
+    ok = len(scales) == len(base) and all(math.isclose(g, b * x, rel_tol=1e-9) for row, brow in zip(scales, base)
+                                          for g, b, x in zip(row, brow, m))
+    return m if ok else None
+
+
+def set_scale(b: int, scales: tuple, window: tuple, base=None) -> None:
     new = list(scales)
     new[b] = min(max(float(st.session_state[scale_key(b)]), window[0]), window[1])  # the slider's grid may overhang
-    state.put("scales", new)
+    state.put("scales", effective(new, base))
 
 
 def set_window(b: int, windows: list) -> None:
@@ -84,22 +101,37 @@ if note:
     st.warning(f"**This setting cannot change the quantized model beyond rounding.** {note}", icon=":material/warning:")
 
 B = len(edges) - 1
-scales = recipe.scales if recipe.scales is not None and len(recipe.scales) == B else (1.0,) * B
+base = None  # per-layer scales (from a per-layer search or a scales file): the sliders move a per-band multiplier
+if recipe.per_layer and len(recipe.scales[0]) == B:
+    base = state.get("qroar.layer_base")
+    mult = multipliers(recipe.scales, base) if base is not None and len(base[0]) == B else None
+    if mult is None:  # new per-layer scales: they become the base, the multipliers start at 1
+        base = [list(r) for r in recipe.scales]
+        state.put("qroar.layer_base", base)
+        mult = [1.0] * B
+    scales = tuple(mult)
+else:
+    scales = recipe.scales if recipe.scales is not None and not recipe.per_layer and len(recipe.scales) == B else (1.0,) * B
 exact = [(float(lo), float(hi)) for lo, hi in zip(windows["g_min"], windows["g_max"])]
 inside = tuple(min(max(g, lo), hi) for g, (lo, hi) in zip(scales, exact))
 if inside != scales:  # a window moved past a scale: the scale follows
-    state.put("scales", list(inside))
+    state.put("scales", effective(inside, base))
 scales = inside
-recipe = state.recipe().with_scales(scales)
+recipe = state.recipe().with_scales(effective(scales, base))
 
 left, right = st.columns([1, 2.2], gap="large")
 with left:
-    st.markdown("**Scale per band** g_b, inside its window G_b")
+    if base is None:
+        st.markdown("**Scale per band** g_b, inside its window G_b")
+    else:
+        st.markdown("**Multiplier per band** m_b over the per-layer scales, inside the window G_b")
+        st.caption(f"Per-layer scales ({len(base)} layers x {B} bands) are set: each slider multiplies band b's scale "
+                   "in every layer (the model gets per-layer scale x m_b; the heatmap below shows them).")
     for b, (lo, hi) in enumerate(exact):
         st.session_state[scale_key(b)] = scales[b]  # the stored scale, not the widget's memory (see app.widgets)
         st.slider(f"b{b} · pairs {windows.at[b, 'pairs']}", min_value=math.floor(lo * 1000) / 1000,
                   max_value=math.ceil(hi * 1000) / 1000, step=0.001, format="%.3f",
-                  key=scale_key(b), on_change=set_scale, args=(b, scales, (lo, hi)))
+                  key=scale_key(b), on_change=set_scale, args=(b, scales, (lo, hi), base))
     if st.button("Reset scales to 1", icon=":material/restart_alt:", width="stretch"):
         state.put("scales", None)
         st.rerun()
@@ -163,7 +195,7 @@ with right:
         })
         if qc.change_note(table):
             st.caption(qc.change_note(table))
-        shown = ", ".join(f"b{b}={g:.3f}" for b, g in enumerate(res.recipe.scales))
+        shown = describe_scales(res.recipe.scales, 4)
         tokens = int(res.summary.loc[res.summary["variant"] == "quant_scaled", "tokens"].sum())
         st.caption(f"Scales of this run: {shown} · {res.recipe.scale.mode}, {res.recipe.scale.order} quantization · "
                    f"{tokens:,} tokens per curve · {res.seconds:.1f} s" + (" (FP and PTQ re-used)" if res.reused_base else ""))
@@ -172,6 +204,9 @@ with right:
 
 st.subheader("Scales and windows")
 st.plotly_chart(qc.scales_figure(scales, windows), width="stretch")
+if base is not None:
+    st.caption("Bars: the per-band multipliers m_b. The scales the model gets, per layer (per-layer scale x m_b):")
+    st.plotly_chart(qc.layer_scales_figure(effective(scales, base)), width="stretch")
 st.caption(RULE)
 if tir is not None:
     st.caption(":material/check: TIR_W from this session's diagnostics (same bands and PI) is part of the rule.")

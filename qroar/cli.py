@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qroar import preflight
 from qroar.errors import QroarError
+from qroar.rescale import describe_scales
 from qroar.progress import Estimator, format_seconds
 
 
@@ -354,7 +355,7 @@ def cmd_apply(a) -> int:
     cfg = EvalConfig(lengths=lengths, stride=a.stride, max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size)
     apply_scales(wb, sf, calib_corpus=a.calib, progress=ProgressBar(a.quiet))
     print(f"applied {a.scales}: {sf.scale_cfg.mode} mode, {sf.scale_cfg.order} quantization, "
-          f"scales {', '.join(f'{g:.4g}' for g in sf.scales)}; PI {wb.pi.label()}")
+          f"scales {describe_scales(sf.scales)}; PI {wb.pi.label()}")
     table = wb.perplexity(a.corpus, cfg, variants=("fp", "quant", "fp_scaled", "quant_scaled"), progress=ProgressBar(a.quiet))
     summary = summarize_variants(table)
     print(format_summary(summary))

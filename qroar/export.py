@@ -2,10 +2,11 @@
 
 Every file is written atomically (a killed write leaves the old file or the new one, never half).
 
-Scales file (JSON, `schema_version` 2; see `scales_payload` for every key): model identity (name,
+Scales file (JSON, `schema_version` 3; see `scales_payload` for every key): model identity (name,
 source, fingerprint from models.fingerprint at load time, model_type, n_layers, n_heads,
 n_kv_heads, head_dim, rotary_dim), RoPE (the PI setting and the rope_parameters in force), the
-quantizer settings, band settings and edges, mode, order, the scales, and the search's objective,
+quantizer settings, band settings and edges, mode, order, the scales (one per band, or from version 3 one
+list per layer with "per_layer": true), and the search's objective,
 dev and held-out results when it came from a search; created_at and the qroar version.
 
 Exports (`export(wb, fmt, path)`, one format per entry of FORMATS: hf, fake-quant, scales): the
@@ -32,7 +33,9 @@ from pathlib import Path
 
 from qroar.errors import ConfigError, ScalesFileError
 
-SCHEMA_VERSION = 2  # 2: the Recipe under "recipe" (the flat keys of version 1 are kept, written from it)
+# 2: the Recipe under "recipe" (the flat keys of version 1 are kept, written from it); 3: "scales" may be per layer
+# (a list of one list of band scales per layer, "per_layer": true); versions 1 and 2 still load
+SCHEMA_VERSION = 3
 KIND = "qroar-scales"
 
 
@@ -146,7 +149,7 @@ def scales_payload(wb, result=None) -> dict:
         "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
         "bands": {**wb.band_cfg.to_dict(), "edges": list(wb.bands.edges)},
         "mode": wb.scale_cfg.mode, "order": wb.scale_cfg.order,
-        "scales": [float(g) for g in wb.scales],
+        "scales": wb.scales.tolist(), "per_layer": wb.per_layer,
         "objective": result.objective if result is not None else None,
         "dev": rec(result.dev) if result is not None else None,
         "heldout": rec(result.heldout) if result is not None else None,
@@ -166,7 +169,7 @@ def save_scales(path, wb, result=None) -> Path:
 class ScalesFile:
     """A validated scales file."""
 
-    scales: tuple[float, ...]
+    scales: tuple  # one float per band, or (per-layer scales) one tuple of them per layer
     scale_cfg: object  # rescale.ScaleConfig
     band_cfg: object  # bands.BandConfig
     edges: tuple[int, ...]
@@ -246,14 +249,25 @@ def load_scales(path, wb=None) -> ScalesFile:
     if not (isinstance(edges, list) and len(edges) >= 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in edges)
             and edges[0] == 0 and all(a < b for a, b in zip(edges, edges[1:]))):
         raise ScalesFileError(f"In scales file {path}, bands.edges must be increasing integers from 0, got {edges!r:.80}.")
-    if not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in d["scales"]):
-        raise ScalesFileError(f"In scales file {path}, scales must be a list of numbers, got {d['scales']!r:.80}.")
+    number = lambda g: isinstance(g, (int, float)) and not isinstance(g, bool)  # noqa: E731
+    raw = d["scales"]
+    layered = bool(raw) and all(isinstance(r, list) for r in raw)
+    if layered and v < 3:
+        raise ScalesFileError(f"Scales file {path} has per-layer scales under schema version {v}, which had none; it is corrupted.")
+    if not (all(number(g) for r in raw for g in r) if layered else all(number(g) for g in raw)):
+        raise ScalesFileError(f"In scales file {path}, scales must be a list of numbers (or one list per layer), "
+                              f"got {raw!r:.80}.")
     n_bands = len(edges) - 1
-    if len(d["scales"]) != n_bands:
-        raise ScalesFileError(f"Scales file {path} has {len(d['scales'])} scales for {n_bands} bands (edges {edges}); "
-                              "it is corrupted.")
+    lens = {len(r) for r in raw} if layered else {len(raw)}
+    if lens != {n_bands}:
+        have = len(raw) if not layered else "/".join(map(str, sorted(lens)))
+        raise ScalesFileError(f"Scales file {path} has {have} scales{' per layer' if layered else ''} for {n_bands} bands "
+                              f"(edges {edges}); it is corrupted.")
+    if layered and len(raw) != d["model"]["n_layers"]:
+        raise ScalesFileError(f"Scales file {path} has per-layer scales for {len(raw)} layers but its model has "
+                              f"{d['model']['n_layers']}; it is corrupted.")
     try:
-        scales = check_scales(d["scales"], n_bands)
+        scales = check_scales(raw, n_bands).tolist()
         scale_cfg = ScaleConfig(d["mode"], d["order"])
         band_cfg = BandConfig.from_dict({k: v for k, v in d["bands"].items() if k != "edges"})
         pi = PIConfig.from_dict(d["rope"].get("pi") or {})
@@ -267,11 +281,11 @@ def load_scales(path, wb=None) -> ScalesFile:
     try:
         recipe = (Recipe.from_dict(d["recipe"]) if isinstance(d.get("recipe"), dict) else None) or Recipe(
             pi=pi, quant=quant, calib=(d.get("calib") or "embedded:dev"), bands=band_cfg, edges=tuple(edges),
-            scale=scale_cfg, scales=tuple(float(g) for g in scales))
+            scale=scale_cfg, scales=scales)
     except (_CE, TypeError, ValueError) as e:
         raise ScalesFileError(f"Scales file {path} holds an invalid recipe: {e}") from e
-    recipe = replace(recipe, edges=tuple(edges), scales=tuple(float(g) for g in scales))
-    sf = ScalesFile(tuple(float(g) for g in scales), scale_cfg, band_cfg, tuple(edges), pi, quant, d["model"],
+    recipe = replace(recipe, edges=tuple(edges)).with_scales(scales)
+    sf = ScalesFile(recipe.scales, scale_cfg, band_cfg, tuple(edges), pi, quant, d["model"],
                     d.get("objective"), d, recipe)
     if wb is not None:
         check_model(sf, wb, path)

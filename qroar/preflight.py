@@ -503,6 +503,11 @@ def check_search(a) -> None:
     a.max_windows = max_windows(a.max_windows)
     spec = read_model(a.model)
     _recipe_quant(recipe, spec)
+    n_layers = spec.get("num_hidden_layers") if spec is not None else None
+    if getattr(a, "strategy", None) == "layer" and n_layers:
+        from qroar.search import layer_groups
+
+        layer_groups(int(n_layers), a.layer_groups)  # more groups than layers: refused before the weights load
     dev_docs, held_docs = read_corpus(a.dev_corpus), read_corpus(a.heldout_corpus)
     if lengths is None and spec is not None and spec.trained_context:
         lengths = (spec.trained_context, 4 * spec.trained_context)

@@ -43,12 +43,31 @@ def _floats(v, what: str) -> tuple | None:
         raise ConfigError(f"{what} must be a list of numbers, got {v!r:.80}.") from e
 
 
+def _scales(v) -> tuple | None:
+    """Shared scales as a tuple of floats, per-layer ones as a tuple of per-layer tuples (all of one length)."""
+    if v is None:
+        return None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    try:
+        rows = list(v)
+    except TypeError as e:
+        raise ConfigError(f"scales must be a list of numbers, got {v!r:.80}.") from e
+    if rows and all(isinstance(r, (list, tuple)) for r in rows):
+        out = tuple(_floats(r, f"the scales of layer {i}") for i, r in enumerate(rows))
+        if len({len(r) for r in out}) != 1:
+            raise ConfigError(f"Per-layer scales need the same number of bands in every layer, got {[len(r) for r in out]}.")
+        return out
+    return _floats(rows, "scales")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What is applied to the model: PI, quantizer, bands, rescaling, scales (see the module docstring).
 
     quant.method "none" is full precision; quant.seq_len 0 calibrates at the trained context.
-    edges: explicit band edges (None: by the bands rule). scales: one per band (None: no scales).
+    edges: explicit band edges (None: by the bands rule). scales: one per band (None: no scales), or one tuple
+    of band scales per layer (per-layer scales; on the command line `--scales` with layers separated by ";").
     windows: (g_min, g_max) per band set by hand (None: the IP/TIR rule).
     """
 
@@ -58,7 +77,7 @@ class Recipe:
     bands: bands_mod.BandConfig = field(default_factory=bands_mod.BandConfig)
     edges: tuple[int, ...] | None = None
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    scales: tuple[float, ...] | None = None
+    scales: tuple[float, ...] | tuple[tuple[float, ...], ...] | None = None
     windows: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
@@ -69,13 +88,16 @@ class Recipe:
             if len(e) < 2 or e[0] != 0 or any(a >= b for a, b in zip(e, e[1:])):
                 raise ConfigError(f"Band edges must increase from 0, got {list(self.edges)}.")
             object.__setattr__(self, "edges", e)
-        s = _floats(self.scales, "scales")
+        s = _scales(self.scales)
         if s is not None:
-            for b, g in enumerate(s):
-                if not math.isfinite(g) or g <= 0:
-                    raise ConfigError(f"The scale of band {b} is {g}: every scale must be a positive finite number (1 = unchanged).")
-            if self.edges is not None and len(s) != len(self.edges) - 1:
-                raise ConfigError(f"Got {len(s)} scales for {len(self.edges) - 1} bands: give exactly one scale per band.")
+            layered = self.per_layer_scales_of(s)
+            for i, row in enumerate(s if layered else (s,)):
+                for b, g in enumerate(row):
+                    if not math.isfinite(g) or g <= 0:
+                        where = f"layer {i}, band {b}" if layered else f"band {b}"
+                        raise ConfigError(f"The scale of {where} is {g}: every scale must be a positive finite number (1 = unchanged).")
+            if self.edges is not None and self.n_scale_bands_of(s) != len(self.edges) - 1:
+                raise ConfigError(f"Got {self.n_scale_bands_of(s)} scales for {len(self.edges) - 1} bands: give exactly one scale per band.")
         object.__setattr__(self, "scales", s)
         if self.windows is not None:
             w = tuple(tuple(float(x) for x in p) for p in self.windows)
@@ -87,6 +109,19 @@ class Recipe:
             raise ConfigError("The calibration corpus must be a corpus spec such as embedded:dev.")
 
     # ------------------------------------------------------------------ properties
+
+    @staticmethod
+    def per_layer_scales_of(s) -> bool:
+        return bool(s) and isinstance(s[0], tuple)
+
+    @staticmethod
+    def n_scale_bands_of(s) -> int:
+        return len(s[0]) if Recipe.per_layer_scales_of(s) else len(s)
+
+    @property
+    def per_layer(self) -> bool:
+        """True when the scales are per layer (one tuple of band scales per layer)."""
+        return self.scales is not None and self.per_layer_scales_of(self.scales)
 
     @property
     def quantized(self) -> bool:
@@ -145,14 +180,15 @@ class Recipe:
         return self if pi == self.pi else replace(self, pi=pi, windows=None)
 
     def with_scales(self, scales) -> "Recipe":
-        return replace(self, scales=None if scales is None else tuple(float(g) for g in scales))
+        """Shared (one per band) or per-layer (one list per layer) scales; None removes them."""
+        return replace(self, scales=_scales(scales))
 
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict:
         return {"pi": self.pi.to_dict(), "quant": self.quant.to_dict(), "calib": self.calib,
                 "bands": self.bands.to_dict(), "edges": None if self.edges is None else list(self.edges),
-                "scale": self.scale.to_dict(), "scales": None if self.scales is None else list(self.scales),
+                "scale": self.scale.to_dict(), "scales": _scales_json(self.scales),
                 "windows": None if self.windows is None else [list(p) for p in self.windows]}
 
     @classmethod
@@ -198,7 +234,7 @@ class Recipe:
         if self.scale.order != base.scale.order:
             out += ["--order", self.scale.order]
         if self.scales is not None:
-            out += ["--scales", ",".join(repr(g) for g in self.scales)]
+            out += ["--scales", format_scales(self.scales)]
         if self.windows is not None:
             out += ["--windows", ",".join(f"{lo!r}:{hi!r}" for lo, hi in self.windows)]
         return out
@@ -215,7 +251,7 @@ class Recipe:
         pi = rope.PIConfig(a.pi, a.factor, a.original, tuple(sorted(params)))
         quant = _quant_from_args(a)
         edges = _int_list(a.edges, "--edges") if a.edges else None
-        scales = _float_list(a.scales, "--scales") if a.scales else None
+        scales = parse_scales(a.scales) if a.scales else None
         windows = None
         if a.windows:
             try:
@@ -241,6 +277,25 @@ def _quant_from_args(a: argparse.Namespace) -> QuantConfig:
         v = getattr(a, s.dest)
         values[s.field] = fixed.get(s.field, getattr(base, s.field)) if v is None else v
     return QuantConfig(**values)
+
+
+def _scales_json(s):
+    if s is None:
+        return None
+    return [list(r) for r in s] if Recipe.per_layer_scales_of(s) else list(s)
+
+
+def format_scales(s) -> str:
+    """The `--scales` text of shared (b0,b1,...) or per-layer (layers separated by ";") scales."""
+    row = lambda r: ",".join(repr(float(g)) for g in r)  # noqa: E731
+    return ";".join(row(r) for r in s) if Recipe.per_layer_scales_of(s) else row(s)
+
+
+def parse_scales(text: str):
+    """`--scales` text: comma-separated band scales, or per layer with layers separated by ";"."""
+    if ";" in text:
+        return tuple(_float_list(r, f"--scales (layer {i})") for i, r in enumerate(text.split(";")) if r.strip())
+    return _float_list(text, "--scales")
 
 
 def _num(v) -> str:
@@ -349,7 +404,8 @@ def add_args(p: argparse.ArgumentParser, scales: bool = True) -> None:
     g.add_argument("--mode", default=base.scale.mode, choices=MODES, help="shared: W_K * g; symmetric: W_K / g")
     g.add_argument("--order", default=base.scale.order, choices=ORDERS, help="scale before or after quantization")
     g.add_argument("--scales", default=None, help=argparse.SUPPRESS if not scales else
-                   "one scale per band, comma-separated (default: none)")
+                   "one scale per band, comma-separated (default: none); per-layer scales: one such list per "
+                   "layer, separated by ';'")
     g.add_argument("--windows", default=None, help="explicit window LO:HI per band, comma-separated (skips the IP/TIR rule)")
 
 

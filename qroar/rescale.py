@@ -19,9 +19,12 @@ Definitions (project brief, section 2):
   groups along the input dimension: Q(gW) = g Q(W)) changes nothing but rounding, and so does
   symmetric rescaling after quantization or without one. `invariance_note` says so.
 
-Scales are one positive finite float per band, shared by all layers. Moving one band's scale
-touches only that band's rows: `Rescaler` keeps full-precision (and quantized) copies of the q/k
-rows only, and re-quantizes only the moved band's rows, never the rest of the model.
+Scales are one positive finite float per band, shared by all layers ((B,)), or one per layer and band
+((L, B), L = the model's attention layers in order; `per_layer` broadcasts shared ones). Per-layer scales
+whose layers all agree act exactly like the shared ones (the same row factors, bit for bit). Moving one
+band's scale touches only that band's rows (in one layer, for per-layer scales): `Rescaler` keeps
+full-precision (and quantized) copies of the q/k rows only, and re-quantizes only the moved rows, never
+the rest of the model.
 """
 
 from __future__ import annotations
@@ -68,22 +71,48 @@ class ScaleConfig:
         return cls(**{k: d[k] for k in ("mode", "order") if k in d})
 
 
-def check_scales(scales, n_bands: int | None = None) -> torch.Tensor:
-    """Scales as a float64 1-D tensor; ConfigError naming the band for zero, negative, NaN or inf."""
+def check_scales(scales, n_bands: int | None = None, n_layers: int | None = None) -> torch.Tensor:
+    """Scales as a float64 tensor: (B,) shared by all layers, or (L, B) per layer (a list of one list of band
+    scales per layer). ConfigError naming the layer and band for zero, negative, NaN or inf, or a wrong shape."""
+    nested = isinstance(scales, (list, tuple)) and len(scales) > 0 and all(isinstance(x, (list, tuple)) for x in scales)
+    if isinstance(scales, torch.Tensor) and scales.dim() == 2:
+        nested = True
     try:
-        t = torch.as_tensor(scales, dtype=torch.float64).reshape(-1).clone()
+        t = torch.as_tensor(scales, dtype=torch.float64).clone()
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"Scales must be a list of numbers, one per band ({e}).") from e
-    if n_bands is not None and t.numel() != n_bands:
-        raise ConfigError(f"Got {t.numel()} scales for {n_bands} bands: give exactly one scale per band.")
-    for b, g in enumerate(t.tolist()):
+        raise ConfigError(f"Scales must be a list of numbers, one per band, or one such list per layer ({e}).") from e
+    t = t.reshape(t.shape[0], -1) if nested and t.dim() >= 1 and t.numel() else t.reshape(-1)
+    if nested and t.dim() == 2 and t.shape[0] == 0:
+        raise ConfigError("Per-layer scales need one list of band scales per layer, got none.")
+    n = t.shape[-1]
+    if n_bands is not None and n != n_bands:
+        raise ConfigError(f"Got {n} scales for {n_bands} bands: give exactly one scale per band"
+                          + (" in every layer." if t.dim() == 2 else "."))
+    if t.dim() == 2 and n_layers is not None and t.shape[0] != n_layers:
+        raise ConfigError(f"Got per-layer scales for {t.shape[0]} layers but the model has {n_layers}: "
+                          "give one list of band scales per layer.")
+    for i, g in enumerate(t.reshape(-1).tolist()):
         if not math.isfinite(g) or g <= 0:
-            raise ConfigError(f"The scale of band {b} is {g}: every scale must be a positive finite number (1 = unchanged).")
+            where = f"layer {i // n}, band {i % n}" if t.dim() == 2 else f"band {i}"
+            raise ConfigError(f"The scale of {where} is {g}: every scale must be a positive finite number (1 = unchanged).")
     return t
 
 
+def per_layer(scales, n_layers: int) -> torch.Tensor:
+    """(L, B) float64 scales: shared (B,) scales broadcast to every layer, per-layer ones checked and copied."""
+    t = check_scales(scales, n_layers=n_layers)
+    return t.clone() if t.dim() == 2 else t[None, :].repeat(n_layers, 1)
+
+
+def is_per_layer(scales) -> bool:
+    """True for per-layer scales (a list of lists, or a 2-D tensor)."""
+    if isinstance(scales, torch.Tensor):
+        return scales.dim() == 2
+    return isinstance(scales, (list, tuple)) and len(scales) > 0 and isinstance(scales[0], (list, tuple))
+
+
 def band_factors(scales: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    """Per-band multipliers of the q rows and of the k rows."""
+    """Per-band multipliers of the q rows and of the k rows ((B,) shared or (L, B) per layer)."""
     g = torch.as_tensor(scales, dtype=torch.float64)
     return {"q": g, "k": 1.0 / g if mode == "symmetric" else g.clone()}
 
@@ -142,6 +171,7 @@ class BandRows:
     """
 
     proj: str  # "q" | "k"
+    layer: int  # position in models.attention_layers (the row of per-layer scales)
     name: str  # module name in the model (what quant.requantize_rows is keyed by)
     module: nn.Module
     kind: str  # "rows" | "norm"
@@ -157,11 +187,13 @@ class BandRows:
         return self.band == b
 
     def row_factor(self, factors: torch.Tensor) -> torch.Tensor:
-        """(R,) fp32 multiplier of every row from per-band factors."""
+        """(R,) fp32 multiplier of every row from per-band factors ((B,), or (L, B): this layer's row)."""
+        if factors.dim() == 2:
+            factors = factors[self.layer]
         return factors.to(device=self.band.device, dtype=torch.float32)[self.band].to(self.fp.device)
 
 
-def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str]) -> BandRows:
+def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str], pos: int) -> BandRows:
     lin = layer.q_lin if proj == "q" else layer.k_lin
     off = layer.q_off if proj == "q" else layer.k_off
     heads = layer.n_heads if proj == "q" else layer.n_kv_heads
@@ -178,14 +210,14 @@ def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str]) 
                  else bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads))
             idx.append(r), band.append(torch.full_like(r, b))
         index = torch.cat(idx).to(norm.weight.device)
-        return BandRows(proj, names[id(norm)], norm, "norm", index, torch.cat(band).to(index.device),
+        return BandRows(proj, pos, names[id(norm)], norm, "norm", index, torch.cat(band).to(index.device),
                         norm.weight.detach()[index].clone(), offset=_norm_offset(norm))
     for b, pairs in enumerate(bands.ranges()):
         r = bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads, offset=off)
         idx.append(r), band.append(torch.full_like(r, b))
     index = torch.cat(idx).to(lin.weight.device)
     bias = lin.bias.detach()[index].clone() if lin.bias is not None else None
-    return BandRows(proj, names[id(lin)], lin, "rows", index, torch.cat(band).to(index.device),
+    return BandRows(proj, pos, names[id(lin)], lin, "rows", index, torch.cat(band).to(index.device),
                     lin.weight.detach()[index].clone(), bias=bias)
 
 
@@ -210,7 +242,8 @@ class Rescaler:
             raise ConfigError(f"The bands cover {bands.n_pairs} RoPE pairs but the model has {layers[0].rotary_dim // 2}.")
         names = {id(m): n for n, m in model.named_modules()}
         self.bands = bands
-        self.targets = [_proj_rows(layer, p, bands, names) for layer in layers for p in ("q", "k")]
+        self.targets = [_proj_rows(layer, p, bands, names, i) for i, layer in enumerate(layers) for p in ("q", "k")]
+        self.n_layers = len(layers)
         self.has_qk_norm = any(t.kind == "norm" for t in self.targets)
         self.qstate = None
         self._written: tuple | None = None  # the write key now in the model
@@ -234,20 +267,25 @@ class Rescaler:
 
     @torch.no_grad()
     def refresh(self, bands, scales, cfg: ScaleConfig) -> None:
-        """Recompute the "before" quantized rows of `bands` (q and k of every layer) for these scales."""
+        """Recompute the "before" quantized rows of `bands` for these scales: a band index b means band b of
+        every layer, a pair (layer, b) only that layer's band b (what per-layer scales move)."""
         if cfg.order != "before" or self.qstate is None:
             return
         from qroar.quant import requantize_rows
 
-        factors = band_factors(check_scales(scales, self.n_bands), cfg.mode)
+        factors = band_factors(check_scales(scales, self.n_bands, self.n_layers), cfg.mode)
+        moved = [(None, b) if isinstance(b, int) else (int(b[0]), int(b[1])) for b in bands]
         for t in self.targets:
             if t.quant is None:
                 continue
             if t.scaled_quant is None:
                 t.scaled_quant = t.quant.clone()
-            for b in bands:
+            f_t = factors[t.proj][t.layer] if factors[t.proj].dim() == 2 else factors[t.proj]
+            for layer, b in moved:
+                if layer is not None and layer != t.layer:
+                    continue
                 m = t.mask(b)
-                f = float(factors[t.proj][b])
+                f = float(f_t[b])
                 if f == 1.0:  # the quantizer's own rows, bit for bit
                     t.scaled_quant[m] = t.quant[m]
                     continue
@@ -305,3 +343,14 @@ def rescale_model(model: nn.Module, bands: bands_mod.Bands, scales, cfg: ScaleCo
     r = Rescaler(model, bands)
     r.write("fp_scaled", check_scales(scales, bands.n_bands), cfg)
     return r
+
+
+def describe_scales(scales, digits: int = 4) -> str:
+    """One line for people: "b0=1.02, b1=0.98, ..." (shared), or per layer "L0: 1.02, 0.98 | L1: ..."."""
+    t = check_scales(scales)
+    fmt = lambda g: f"{g:.{digits}g}"  # noqa: E731
+    if t.dim() == 1:
+        return ", ".join(f"b{b}={fmt(g)}" for b, g in enumerate(t.tolist()))
+    if bool((t == t[:1]).all()):
+        return "per layer, every layer the same: " + ", ".join(f"b{b}={fmt(g)}" for b, g in enumerate(t[0].tolist()))
+    return " | ".join(f"L{i}: " + ", ".join(fmt(g) for g in row) for i, row in enumerate(t.tolist()))

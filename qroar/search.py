@@ -40,6 +40,14 @@ what it picks against the exhaustive descent. Each rung's work is asked for at o
 (`SearchRun.per_doc_many`), so several processes (`parallel`) split its (scale vector, document,
 length) items by tokens and gather the per-document results: the same decisions as one process.
 
+Per-layer scales (`strategy="layer"`, layer groups x bands). First the shared descent above (the paper's
+search), then each of `layer_groups` contiguous groups of layers (G = the number of layers: every layer
+its own) refines each band in index order around the shared result: the band's candidates within two
+grid steps of the group's current scale (at most 4), the other groups and bands fixed, kept only when the
+objective on all dev documents improves and the same short-context guard (against the unscaled model)
+holds. The scales become per layer (L x B; layers of one group share a value). Cost: the shared descent
+plus at most G x B x 4 evaluations; moving one group's band re-quantizes only that group's rows.
+
 Nested windows (`nested=True`): every length is scored from one forward at the longest
 (perplexity.EvalConfig.nested), so the guard's short length costs nothing extra.
 
@@ -175,6 +183,7 @@ class SearchConfig:
     race_eta: int = 3
     objective: str = "ppl"  # a key of OBJECTIVES
     allow_invariant: bool = False  # search even when the invariance note says scales cannot act
+    layer_groups: int = 4  # strategy "layer": contiguous layer groups refined per band (the number of layers: each layer)
 
     def __post_init__(self):
         for name in ("lengths", "length_weights"):
@@ -200,6 +209,8 @@ class SearchConfig:
             raise ConfigError(f"Unknown search strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"Unknown search objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}.")
+        if not (isinstance(self.layer_groups, int) and not isinstance(self.layer_groups, bool) and self.layer_groups >= 1):
+            raise ConfigError(f"layer_groups must be an integer >= 1 (contiguous groups of layers), got {self.layer_groups!r}.")
         if not (isinstance(self.race_eta, int) and 2 <= self.race_eta <= 4):
             raise ConfigError(f"race_eta (the share of candidates kept per rung is 1/eta) must be 2, 3 or 4, got {self.race_eta!r}.")
 
@@ -242,6 +253,9 @@ def add_search_args(p) -> None:
                    help="; ".join(f"{k}: {v.label}" for k, v in STRATEGIES.items()))
     o.add_argument("--race", action="store_const", const="race", dest="strategy", help="same as --strategy race")
     o.add_argument("--race-eta", type=int, default=base.race_eta, help="racing keeps the best 1/eta of the candidates per rung (2-4)")
+    o.add_argument("--layer-groups", type=int, default=base.layer_groups,
+                   help=f"strategy layer: contiguous groups of layers with their own band scales (default {base.layer_groups}; "
+                        "the number of layers = every layer its own)")
     o.add_argument("--objective", default=base.objective, choices=list(OBJECTIVES),
                    help="; ".join(f"{k}: {v.label}" for k, v in OBJECTIVES.items()))
     o.add_argument("--candidates", type=int, default=base.n_candidates, help="candidates per band (5-9)")
@@ -268,7 +282,7 @@ def search_config_from_args(a, trained_context: int) -> SearchConfig:
                         guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
                         max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size, checkpoint=a.checkpoint,
                         k_folds=a.folds, nested=a.nested, strategy=a.strategy, race_eta=a.race_eta,
-                        objective=a.objective, allow_invariant=a.allow_invariant)
+                        objective=a.objective, allow_invariant=a.allow_invariant, layer_groups=a.layer_groups)
 
 
 def search_args(cfg: SearchConfig) -> list[str]:
@@ -281,7 +295,7 @@ def search_args(cfg: SearchConfig) -> list[str]:
     for flag, name in (("--dev-corpus", "dev_corpus"), ("--heldout-corpus", "heldout_corpus"), ("--batch-size", "batch_size"),
                        ("--strategy", "strategy"), ("--race-eta", "race_eta"), ("--objective", "objective"),
                        ("--candidates", "n_candidates"), ("--sweeps", "sweeps"), ("--guard", "guard_tol"),
-                       ("--folds", "k_folds"), ("--checkpoint", "checkpoint")):
+                       ("--folds", "k_folds"), ("--checkpoint", "checkpoint"), ("--layer-groups", "layer_groups")):
         v = getattr(cfg, name)
         if v != getattr(base, name) and v is not None:
             out += [flag, repr(v) if isinstance(v, float) else str(v)]
@@ -293,7 +307,19 @@ def search_args(cfg: SearchConfig) -> list[str]:
 
 
 def _key(fold: str, scales) -> str:
-    return fold + "|" + ("fp" if scales is None else ",".join(f"{float(g):.12g}" for g in scales))
+    if scales is None:
+        return fold + "|fp"
+    row = lambda r: ",".join(f"{float(g):.12g}" for g in r)  # noqa: E731
+    return fold + "|" + (";".join(row(r) for r in scales) if _layered(scales) else row(scales))
+
+
+def _layered(scales) -> bool:
+    return bool(scales) and isinstance(scales[0], (list, tuple))
+
+
+def _plain(scales) -> list:
+    """Scales as JSON-ready lists of floats: one per band, or one list per layer."""
+    return [[float(g) for g in r] for r in scales] if _layered(scales) else [float(g) for g in scales]
 
 
 class Checkpoint:
@@ -380,7 +406,7 @@ class SearchResult:
     objective: weighted objective per (split, variant). history: every candidate tried, with the
     incumbent's objective and the unscaled model's short log-ppl on the same documents."""
 
-    scales: list[float]
+    scales: list  # one per band, or (per-layer strategies) one list of band scales per layer
     scale_cfg: ScaleConfig
     windows: pd.DataFrame
     candidates: list[list[float]]
@@ -390,7 +416,7 @@ class SearchResult:
     objective: dict
     note: str | None
     folds: pd.DataFrame | None = None
-    noise_scales: list[float] | None = None  # what rounding noise chose when the note holds (not a result)
+    noise_scales: list | None = None  # what rounding noise chose when the note holds (not a result)
     recipe: dict | None = None  # the Recipe the scales belong to (Recipe.to_dict)
     search_cfg: dict | None = None  # the SearchConfig that found them (SearchConfig.to_dict)
     settings: dict = field(default_factory=dict)
@@ -455,7 +481,7 @@ class SearchRun:
         self.total, self.done, self.fresh, self.reused_keys = max(total, 1), 0, 0, set()
         self.doc_evals = 0
         strategy = STRATEGIES[cfg.strategy]
-        self.unit, self.bound = strategy.unit, "at most " if strategy.per_document else ""
+        self.unit, self.bound = strategy.unit, "at most " if strategy.bound_only else ""
         self.progress, self.cancel = progress or (lambda f, m: None), cancel
         self.measure = OBJECTIVES[cfg.objective].measure  # what each entry records per length besides log-ppl
         self.reference = None  # the KL objective's FP reference (fidelity.FPReference), made on first use
@@ -769,6 +795,68 @@ def descend_grid(run: SearchRun, fold: str, docs, cands: list[list[float]], hist
     return current, best, base
 
 
+LAYER_RADIUS = 2  # grid steps on each side of a group's current scale that the per-layer refinement tries
+
+
+def layer_groups(n_layers: int, n_groups: int) -> list[list[int]]:
+    """Contiguous groups of layer indices, sizes differing by at most one (earlier groups the larger)."""
+    if not 1 <= n_groups <= n_layers:
+        raise ConfigError(f"{n_groups} layer groups for a model of {n_layers} layers: use 1 to {n_layers} "
+                          f"({n_layers} = every layer its own scales).")
+    size, extra = divmod(n_layers, n_groups)
+    out, start = [], 0
+    for g in range(n_groups):
+        stop = start + size + (g < extra)
+        out.append(list(range(start, stop)))
+        start = stop
+    return out
+
+
+def _near(cands: list[float], g: float, radius: int = LAYER_RADIUS) -> list[float]:
+    """The candidates within `radius` grid steps of g (g itself left out)."""
+    i = min(range(len(cands)), key=lambda j: abs(math.log(cands[j] / g)))
+    return [c for c in cands[max(0, i - radius):i + radius + 1] if c != g]
+
+
+def descend_layer(run: SearchRun, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list, dict, dict]:
+    """The shared descent, then per layer group and band a refinement around it (module docstring)."""
+    groups = layer_groups(run.wb.n_layers, run.cfg.layer_groups)
+    shared, best, base = descend_grid(run, fold, docs, cands, history)
+    limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
+    current = [list(shared) for _ in range(run.wb.n_layers)]
+    for gi, layers in enumerate(groups):
+        for b in range(len(cands)):
+            now = current[layers[0]][b]
+            gs = _near(cands[b], now)
+            trials = []
+            for g in gs:
+                t = [list(r) for r in current]
+                for i in layers:
+                    t[i][b] = g
+                trials.append(t)
+            whats = [f"[{fold}] layers {layers[0]}-{layers[-1]} band {b}: g = {g:.4g}" for g in gs]
+            entries = run.evaluate_many(fold, docs, trials, limit, whats)
+            keep = now
+            for g, e in zip(gs, entries):
+                better = e["guard_ok"] and e["objective"] is not None and e["objective"] < best["objective"]
+                history.append(dict(fold=fold, sweep=run.cfg.sweeps, band=b, g=g, objective=e["objective"],
+                                    short_log_ppl=e["short_log_ppl"], guard_ok=e["guard_ok"], docs=len(docs.doc_ids),
+                                    incumbent_objective=best["objective"], unscaled_short_log_ppl=base["short_log_ppl"],
+                                    group=gi, layers=f"{layers[0]}-{layers[-1]}"))
+                if better:
+                    best, keep = e, g
+            for i in layers:
+                current[i][b] = keep
+            _mark(run, fold, run.cfg.sweeps + gi, b, current)
+    return current, best, base
+
+
+def _layer_budget(n_docs: int, per_band: list[int], cfg: "SearchConfig") -> int:
+    """Evaluations of the shared descent plus, per layer group and band, at most 2 * LAYER_RADIUS neighbours."""
+    refine = cfg.layer_groups * sum(min(2 * LAYER_RADIUS, k) for k in per_band)
+    return _grid_budget(n_docs, per_band, cfg) + refine * (1 + cfg.k_folds)
+
+
 def _grid_budget(n_docs: int, per_band: list[int], cfg: "SearchConfig") -> int:
     """Evaluations (one scale vector on all dev documents) the exhaustive descent makes."""
     return (1 + cfg.sweeps * sum(per_band)) * (1 + cfg.k_folds)
@@ -790,6 +878,11 @@ class Strategy:
     per_document: bool
     label: str
     spreads: bool = True  # its work can be spread over processes (qroar.distributed; Ranks.spread, per_doc_many)
+    exact: bool = True  # the budget is what it spends (else only a bound, like a per-document one)
+
+    @property
+    def bound_only(self) -> bool:
+        return self.per_document or not self.exact
 
     @property
     def unit(self) -> str:
@@ -834,6 +927,8 @@ STRATEGIES: dict[str, Strategy] = {
     "grid": Strategy(descend_grid, _grid_budget, per_document=False, label="coordinate descent, every candidate on every dev document"),
     "race": Strategy(descend_race, lambda n, per_band, cfg: _race_budget(n, per_band, cfg), per_document=True,
                      label="coordinate descent, candidates raced over dev documents (successive halving)"),
+    "layer": Strategy(descend_layer, _layer_budget, per_document=False, exact=False,
+                      label="per-layer scales: the shared descent, then each layer group's bands refined around it"),
 }
 OBJECTIVES: dict[str, Objective] = {
     "ppl": Objective(_ppl_objective, "length-weighted mean log-perplexity"),
@@ -847,7 +942,8 @@ def _settings_hash(wb, cfg: SearchConfig, windows, dev, held) -> tuple[str, dict
         "fingerprint": wb.info.fingerprint, "pi": wb.pi.to_dict(),
         "quant": wb.quant_cfg.to_dict() if wb.quant_cfg is not None else None,
         "bands": list(wb.bands.edges), "scale": wb.scale_cfg.to_dict(),
-        "search": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint"},
+        "search": {k: v for k, v in cfg.to_dict().items()
+                   if k != "checkpoint" and (k != "layer_groups" or cfg.strategy == "layer")},
         "windows": [[round(a, 12), round(b, 12)] for a, b in windows],
         "dev": [[d, int(t.numel())] for d, t in zip(dev.doc_ids, dev.tokens)],
         "heldout": [[d, int(t.numel())] for d, t in zip(held.doc_ids, held.tokens)],
@@ -871,7 +967,7 @@ def _table(run: SearchRun, docs, fold: str, scales, variants) -> tuple[pd.DataFr
             logp, values = run._eval(docs, run.eval_all, "fp_scaled")
             e = {"log_ppl": logp, run.measure: values, "objective": run.objective(values)}
         else:
-            s = None if name == "fp" else ([1.0] * len(scales) if name == "quant" else scales)
+            s = None if name == "fp" else ([1.0] * run.wb.bands.n_bands if name == "quant" else scales)
             e = run.entry(docs, s, f"[{fold}] {name}") if STRATEGIES[run.cfg.strategy].per_document \
                 else run.evaluate(fold, docs, s, None, f"[{fold}] {name}")
         obj[name] = e["objective"]
@@ -930,6 +1026,8 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         scaled, base = ("quant_scaled", "quant") if quantized else ("fp_scaled", "fp")
         variants = ("fp", "quant", "quant_scaled")
         strategy = STRATEGIES[cfg.strategy]
+        if cfg.strategy == "layer":
+            layer_groups(wb.n_layers, cfg.layer_groups)  # a bad group count is refused before anything changes
         if not strategy.spreads and parallel is not None and parallel.world_size > 1:
             raise ConfigError(f"The {cfg.strategy} strategy runs in one process: choose another to spread the search over processes.")
         total = search_budget(cfg, len(dev.doc_ids), len(held.doc_ids), [len(c) - 1 for c in cands])
@@ -943,7 +1041,8 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             for k in range(cfg.k_folds):
                 keep = [d for i, d in enumerate(dev.doc_ids) if i % cfg.k_folds != k]
                 fs, _, _ = strategy.descend(run, f"fold{k}", dev.subset(keep), cands, history)
-                fold_rows += [dict(fold=k, band=b, g=g) for b, g in enumerate(fs)]
+                fold_rows += ([dict(fold=k, layer=i, band=b, g=g) for i, row in enumerate(fs) for b, g in enumerate(row)]
+                              if _layered(fs) else [dict(fold=k, band=b, g=g) for b, g in enumerate(fs)])
             dev_table, dev_obj = _table(run, dev, "all", scales, variants)
             held_table, held_obj = _table(run, held, "heldout", scales, variants + (("fp_scaled",) if quantized else ()))
         except BaseException as e:
@@ -955,19 +1054,21 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
             raise
         noise_scales = None
         if note:  # what rounding noise picked is not a result: the honest scales stay 1
-            noise_scales, scales = [float(g) for g in scales], [1.0] * len(scales)
+            noise_scales, scales = _plain(scales), [1.0] * wb.bands.n_bands
         wb.apply(wb.recipe.with_scales(scales))
-        if strategy.per_document and progress is not None:
+        if strategy.bound_only and progress is not None:
             progress(1.0, f"done: {run.done} of at most {run.total} {run.unit}")  # an upper bound racing rarely spends
     folds = None
     if cfg.k_folds:
         f = pd.DataFrame(fold_rows)
-        folds = f.groupby("band")["g"].agg(["mean", "std"]).reset_index()
-        folds = folds.merge(f.pivot(index="band", columns="fold", values="g").add_prefix("fold").reset_index(), on="band")
+        by = ["layer", "band"] if "layer" in f else ["band"]
+        folds = f.groupby(by)["g"].agg(["mean", "std"]).reset_index()
+        folds = folds.merge(f.pivot_table(index=by, columns="fold", values="g").add_prefix("fold").reset_index(), on=by)
     return SearchResult(
-        scales=[float(g) for g in scales], scale_cfg=wb.scale_cfg, windows=win_table, candidates=cands,
+        scales=_plain(scales), scale_cfg=wb.scale_cfg, windows=win_table, candidates=cands,
         history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs",
-                                               "incumbent_objective", "unscaled_short_log_ppl"]),
+                                               "incumbent_objective", "unscaled_short_log_ppl"]
+                             + (["group", "layers"] if cfg.strategy == "layer" else [])),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
         note=note, noise_scales=noise_scales, recipe=wb.recipe.to_dict(), search_cfg=cfg.to_dict(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"quant_scaled": scaled, "quant": base}},
@@ -976,12 +1077,28 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
     )
 
 
+def _scales_text(scales) -> str:
+    """Shared scales on one line; per-layer ones as a layers x bands table (layers of one value run together)."""
+    from qroar.rescale import describe_scales
+
+    if not _layered(scales) or all(row == scales[0] for row in scales):
+        return describe_scales(scales)
+    rows, start = [], 0
+    for i in range(1, len(scales) + 1):
+        if i == len(scales) or scales[i] != scales[start]:
+            rows.append((f"{start}" if i - 1 == start else f"{start}-{i - 1}", scales[start]))
+            start = i
+    t = pd.DataFrame([r for _, r in rows], index=[n for n, _ in rows], columns=[f"b{b}" for b in range(len(scales[0]))])
+    t.index.name = "layers"
+    return "per layer (layers x bands)\n" + t.to_string(float_format=lambda x: f"{x:.4g}")
+
+
 def format_result(r: SearchResult) -> str:
     """Held-out table (lengths x variants), the scales and the honesty note, for the CLI."""
     piv = r.heldout.pivot(index="length", columns="variant", values="ppl")[["fp", "quant", "quant_scaled"]]
     piv["scaled_vs_quant_%"] = 100 * (piv["quant_scaled"] / piv["quant"] - 1)
     lines = ["held-out perplexity:", piv.to_string(float_format=lambda x: f"{x:.4f}"),
-             "scales: " + ", ".join(f"b{b}={g:.4g}" for b, g in enumerate(r.scales)),
+             "scales: " + _scales_text(r.scales),
              f"held-out objective change: {100 * r.heldout_gain():+.3f}% "
              f"(dev {100 * r.objective_change(r.objective['dev']['quant_scaled'], r.objective['dev']['quant']):+.3f}%)"]
     if "kld" in r.heldout:
@@ -991,7 +1108,7 @@ def format_result(r: SearchResult) -> str:
                       kl.to_string(float_format=lambda x: f"{x:.5f}")]
     if r.note:
         lines.append(f"note: {r.note} The change above is rounding noise, not a gain: the scales stay 1"
-                     + (f" (noise chose {', '.join(f'{g:.4g}' for g in r.noise_scales)})." if r.noise_scales else "."))
+                     + (f" (noise chose {_scales_text(r.noise_scales)})." if r.noise_scales else "."))
     if r.folds is not None:
         lines.append("k-fold stability of the chosen scales:")
         lines.append(r.folds.to_string(index=False, float_format=lambda x: f"{x:.4g}"))

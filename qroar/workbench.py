@@ -3,7 +3,8 @@
 `apply(recipe)` is the one place that changes the model. It diffs the recipe against what is applied:
 a new PI re-derives the rotary embeddings (from the model's own RoPE parameters, so PI settings never
 stack); a new quantizer key re-quantizes (the quantized weights are kept while the key holds); new band
-edges rebuild the rescaler; a moved scale re-quantizes only that band's q/k rows. The Workbench owns the
+edges rebuild the rescaler; a moved scale re-quantizes only that band's q/k rows (in the layers where it
+moved, for per-layer scales: shared and per-layer scales are compared as layers x bands). The Workbench owns the
 scales (the recipe's); the `rescale.Rescaler` it keeps holds only row copies and caches.
 
 Variants (what the model computes while one is in force):
@@ -28,7 +29,7 @@ from qroar import models, rope
 from qroar import recipe as recipe_mod
 from qroar.errors import ConfigError
 from qroar.recipe import Recipe
-from qroar.rescale import SCALED, VARIANTS, Rescaler, ScaleConfig, check_scales
+from qroar.rescale import SCALED, VARIANTS, Rescaler, ScaleConfig, check_scales, per_layer
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Workbench:
         self.bands = recipe_mod.band_edges(self.recipe, self.geometry)
         self._rescaler: Rescaler | None = None
         self._version = 0  # of the scales written by the rescaler
+        self.n_layers = len(models.attention_layers(self.model))
         self.lock = threading.RLock()  # one computation on the model at a time
 
     @classmethod
@@ -100,9 +102,13 @@ class Workbench:
 
     @property
     def scales(self) -> torch.Tensor | None:
-        """(B,) float64, None = no scales set."""
+        """(B,) float64 shared by all layers, (L, B) per layer; None = no scales set."""
         s = self.recipe.scales
         return None if s is None else torch.tensor(s, dtype=torch.float64)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.recipe.per_layer
 
     def freqs(self, seq_len: int | None = None) -> rope.RopeFreqs:
         return self.geometry.freqs(self.pi, seq_len)
@@ -118,7 +124,7 @@ class Workbench:
             now = self.recipe
             key = recipe.quant_key()
             bands = recipe_mod.band_edges(recipe, self.geometry)
-            scales = None if recipe.scales is None else check_scales(recipe.scales, bands.n_bands)
+            scales = None if recipe.scales is None else check_scales(recipe.scales, bands.n_bands, self.n_layers)
             calib = None
             if key != self._quant_key and recipe.quantized:
                 from qroar import quant
@@ -132,21 +138,35 @@ class Workbench:
                     calib = list(calibration_batches(tokens, q.n_samples, q.seq_len or self.info.trained_context, q.seed))
             if recipe.pi != now.pi:
                 self._set_pi(recipe.pi)  # before calibrated quantizers, which see the PI
-            self.recipe = replace(recipe, scales=None if scales is None else tuple(scales.tolist()))
+            self.recipe = recipe.with_scales(None if scales is None else scales.tolist())
             if key != self._quant_key:
                 self._set_quant(recipe, calib, progress, cancel)
             elif bands != self.bands:
                 self.bands = bands
                 self._rebuild_rescaler()
-            elif scales is None or now.scales is None or now.scale != recipe.scale or len(now.scales) != len(scales):
+            elif (scales is None or now.scales is None or now.scale != recipe.scale
+                  or check_scales(now.scales).shape[-1] != scales.shape[-1]):
                 self._rebuild_rescaler()
-            else:  # only moved bands: their rows alone are re-quantized
-                moved = [b for b, (a, g) in enumerate(zip(now.scales, self.recipe.scales)) if a != g]
+            else:  # only moved bands (per layer): their rows alone are re-quantized
+                moved = self._moved(now.scales, self.recipe.scales)
                 if moved:
                     self._rescaler.refresh(moved, self.recipe.scales, self.recipe.scale)
                     self._version += 1
                     self._put_variant(self._variant)
             return self.recipe
+
+    def _moved(self, old, new) -> list:
+        """What moved between two scale settings: band indices (every layer), or (layer, band) pairs when
+        only some layers of a band moved."""
+        a, b = per_layer(old, self.n_layers), per_layer(new, self.n_layers)
+        out = []
+        for band in range(a.shape[1]):
+            diff = (a[:, band] != b[:, band]).nonzero().flatten().tolist()
+            if len(diff) == self.n_layers:
+                out.append(band)
+            else:
+                out += [(layer, band) for layer in diff]
+        return out
 
     def _set_pi(self, pi: rope.PIConfig) -> dict:
         cfg = rope.text_config(self.model.config)
@@ -206,19 +226,29 @@ class Workbench:
         return self.bands
 
     def set_scales(self, scales, cfg: ScaleConfig | None = None) -> None:
-        """One positive finite scale per band (shared by all layers); None removes the scales."""
+        """One positive finite scale per band (shared by all layers), or one list of them per layer; None
+        removes the scales."""
         if scales is None:
             self.apply(replace(self.recipe, scales=None))
             return
-        s = check_scales(scales, self.bands.n_bands)
-        self.apply(replace(self.recipe, scales=tuple(s.tolist()), scale=cfg or self.recipe.scale))
+        s = check_scales(scales, self.bands.n_bands, self.n_layers)
+        self.apply(replace(self.recipe.with_scales(s.tolist()), scale=cfg or self.recipe.scale))
 
-    def set_band_scale(self, b: int, g: float) -> None:
-        """Move one band's scale: only that band's q/k rows are recomputed (re-quantized for order "before")."""
+    def set_band_scale(self, b: int, g: float, layer: int | None = None) -> None:
+        """Move one band's scale (of one layer: the scales become per-layer): only those q/k rows are
+        recomputed (re-quantized for order "before")."""
         if not isinstance(b, int) or not 0 <= b < self.bands.n_bands:
             raise ConfigError(f"Band {b!r} does not exist: choose 0 to {self.bands.n_bands - 1}.")
-        s = list(self.recipe.scales or (1.0,) * self.bands.n_bands)
-        s[b] = g
+        if layer is not None and not (isinstance(layer, int) and 0 <= layer < self.n_layers):
+            raise ConfigError(f"Layer {layer!r} does not exist: choose 0 to {self.n_layers - 1}.")
+        now = self.recipe.scales or (1.0,) * self.bands.n_bands
+        if layer is None and not self.per_layer:
+            s = list(now)
+            s[b] = g
+        else:
+            s = per_layer(now, self.n_layers)
+            s[slice(None) if layer is None else layer, b] = g
+            s = s.tolist()
         self.set_scales(s)
 
     def invariance_note(self) -> str | None:
@@ -355,5 +385,5 @@ class Workbench:
             "quant": self.quant_cfg.to_dict() if self.quant_cfg is not None else None,
             "bands": {**self.band_cfg.to_dict(), **self.bands.to_dict()},
             "scale": self.scale_cfg.to_dict(),
-            "scales": None if self.scales is None else [float(g) for g in self.scales],
+            "scales": None if self.scales is None else self.scales.tolist(),
         }

@@ -4,6 +4,7 @@
   python scripts/experiments.py quantizers --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
   python scripts/experiments.py qroar      --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
   python scripts/experiments.py race       --model qroar-tiny --lengths 256,1024,2048 --factor 8 --nested --max-windows 1
+  python scripts/experiments.py search-methods --model qroar-tiny --bits 3 --nested --max-windows 1 --strategies grid,race,layer
 
 Each writes OUT/<experiment>-<model>.json (every number) and .md (the table as it appears in the docs).
 Perplexity is on the held-out documents of the embedded corpus; searches tune on the dev documents.
@@ -180,7 +181,49 @@ def race(wb, a) -> tuple[dict, str]:
     return {"runs": runs}, "\n".join(md)
 
 
-EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar, "race": race}
+def search_methods(wb, a, save=None) -> tuple[dict, str]:
+    """Every search strategy of a.strategies on the same setting (shared mode, scales before quantization): the
+    held-out change, the FP + scales control on the same held-out documents, the work each spent and its time,
+    and with --folds the k-fold spread of the chosen scales (mean over bands, or layers x bands, of the std)."""
+    runs = []
+    for bits in _setups(wb, a):
+        for strategy in a.strategies:
+            cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
+                               max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, strategy=strategy,
+                               nested=a.nested, k_folds=a.folds, layer_groups=a.layer_groups)
+            wb.set_scales([1.0] * wb.bands.n_bands, ScaleConfig("shared", "before"))
+            t = time.perf_counter()
+            r = search(wb, cfg)
+            secs = time.perf_counter() - t
+            wb.set_scales(None)
+            held = r.objective["heldout"]
+            spread = None if r.folds is None else float(r.folds["std"].mean())
+            runs.append(dict(bits=bits, strategy=strategy, layer_groups=a.layer_groups if strategy == "layer" else None,
+                             scales=r.scales, seconds=secs, spent=r.spent, unit=r.unit, evaluations=r.evaluations,
+                             doc_evaluations=r.doc_evaluations, gain_pct=100 * r.heldout_gain(),
+                             dev_pct=100 * r.objective_change(r.objective["dev"]["quant_scaled"], r.objective["dev"]["quant"]),
+                             control_pct=100 * r.objective_change(held["fp_scaled"], held["fp"]), fold_std=spread,
+                             heldout=json.loads(r.heldout.to_json(orient="records")), objective=r.objective,
+                             folds=None if r.folds is None else json.loads(r.folds.to_json(orient="records"))))
+            print(f"  w{bits} {strategy}: held-out {runs[-1]['gain_pct']:+.3f}%, control {runs[-1]['control_pct']:+.3f}%, "
+                  f"{r.spent} {r.unit}, {secs:.0f}s", flush=True)
+            if save:
+                save({"runs": runs}, _methods_md(runs))
+    return {"runs": runs}, _methods_md(runs)
+
+
+def _methods_md(runs) -> str:
+    md = ["| bits | search | dev change | held-out change | control: FP + scales vs FP (held-out) | k-fold std of the scales "
+          "| work | document evaluations | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        name = r["strategy"] + (f" ({r['layer_groups']} layer groups)" if r["layer_groups"] else "")
+        std = "" if r["fold_std"] is None else f"{r['fold_std']:.4f}"
+        md.append(f"| W{r['bits']} | {name} | {r['dev_pct']:+.3f}% | {r['gain_pct']:+.3f}% | {r['control_pct']:+.3f}% | {std} "
+                  f"| {r['spent']} {r['unit']} | {r['doc_evaluations']} | {r['seconds']:.0f} |")
+    return "\n".join(md)
+
+
+EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar, "race": race, "search-methods": search_methods}
 
 
 def main():
@@ -206,12 +249,16 @@ def main():
                     help="qroar: mode/order pairs to search, comma-separated")
     ap.add_argument("--race", action="store_true", help="qroar: racing search (successive halving over dev documents)")
     ap.add_argument("--nested", action="store_true", help="qroar/race: every length from one forward at the longest")
+    ap.add_argument("--strategies", default="grid,race,layer", help="search-methods: search strategies, comma-separated")
+    ap.add_argument("--layer-groups", type=int, default=4, help="search-methods: layer groups of the layer strategy")
+    ap.add_argument("--folds", type=int, default=0, help="search-methods: k-fold stability (0 = off)")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--out", default="docs/results")
     a = ap.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
     a.bits = [int(x) for x in a.bits.split(",")]
     a.configs = a.configs.split(",")
+    a.strategies = a.strategies.split(",")
     t = time.perf_counter()
     wb = Workbench.open(a.model, device=a.device, dtype=a.dtype)
     print(f"{a.experiment} on {wb.info.name} ({wb.info.device}/{wb.info.dtype})", flush=True)
@@ -229,7 +276,7 @@ def main():
         return meta
 
     fn = EXPERIMENTS[a.experiment]
-    data, md = fn(wb, a, save) if a.experiment == "qroar" else fn(wb, a)
+    data, md = fn(wb, a, save) if a.experiment in ("qroar", "search-methods") else fn(wb, a)
     meta = save(data, md)
     print(md)
     print(f"wrote {out / stem}.json/.md in {meta['seconds']} s")

@@ -38,7 +38,7 @@ def saved(wb, tmp_path):
 
 def test_scales_file_round_trip(wb, saved):
     d = json.loads(saved.read_text())
-    assert d["schema_version"] == 2 and d["model"]["fingerprint"] == wb.info.fingerprint
+    assert d["schema_version"] == 3 and d["model"]["fingerprint"] == wb.info.fingerprint
     assert d["rope"]["rope_parameters"]["rope_type"] == "linear" and d["bands"]["edges"] == [0, 2, 4, 6, 8]
     for key in ("created_at", "qroar_version", "objective", "dev", "heldout", "quant", "mode", "order"):
         assert key in d
@@ -81,7 +81,11 @@ def _rewrite(path, **changes):
     (lambda p: p.write_text(p.read_text().replace("0.9", "Infinity", 1)), "band 3"),
     (lambda p: _rewrite(p, scales=[1.0, 1.0, 1.0]), "3 scales for 4 bands"),
     (lambda p: _rewrite(p, mode="sideways"), "invalid setting"),
-    (lambda p: _rewrite(p, schema_version=3), "newer qroar.*upgrade"),
+    (lambda p: _rewrite(p, schema_version=4), "newer qroar.*upgrade"),
+    (lambda p: _rewrite(p, scales=[[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]), "3/4 scales per layer for 4 bands"),
+    (lambda p: _rewrite(p, scales=[[1.0] * 4] * 3), "per-layer scales for 3 layers but its model has 2"),
+    (lambda p: _rewrite(p, scales=[[1.0] * 4, [1.0, 0.0, 1.0, 1.0]]), "layer 1, band 1"),
+    (lambda p: _rewrite(p, scales=[[1.0] * 4] * 2, schema_version=2), "per-layer scales under schema version 2"),
 ])
 def test_bad_scales_files_raise_clear_errors(saved, edit, match):
     edit(saved)
@@ -141,7 +145,7 @@ def test_quantized_export_needs_a_quantizer(wb, tmp_path):
     with pytest.raises(ConfigError, match="quantizer"):
         export_checkpoint(wb, tmp_path / "x", quantized=True)
     assert not (tmp_path / "x").exists()
-    assert export.SCHEMA_VERSION == 2
+    assert export.SCHEMA_VERSION == 3
 
 
 # ----------------------------------------------------------------------------- replacing an earlier export

@@ -71,12 +71,16 @@ def test_old_scales_file_loads_as_the_same_recipe(wb, tmp_path):
     wb.apply(Recipe(pi=PIConfig("linear", 2.0), quant=QuantConfig("rtn", 3, 32), bands=BandConfig(4),
                     scales=(1.2, 0.9, 1.0, 1.05), scale=ScaleConfig("shared", "after")))
     new = json.loads(save_scales(tmp_path / "new.json", wb).read_text())
-    assert new["schema_version"] == 2 and Recipe.from_dict(new["recipe"]) == wb.recipe
-    old = {k: v for k, v in new.items() if k != "recipe"}  # what qroar wrote before the Recipe existed
+    assert new["schema_version"] == 3 and Recipe.from_dict(new["recipe"]) == wb.recipe and new["per_layer"] is False
+    v2 = {k: v for k, v in new.items() if k != "per_layer"}  # what qroar wrote before per-layer scales
+    v2["schema_version"] = 2
+    old = {k: v for k, v in v2.items() if k != "recipe"}  # what qroar wrote before the Recipe existed
     old["schema_version"] = 1
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    r = load_scales(tmp_path / "old.json", wb).recipe
-    assert (r.pi, r.quant, r.edges, r.scales, r.scale) == (wb.recipe.pi, wb.recipe.quant, wb.bands.edges, wb.recipe.scales, wb.recipe.scale)
+    for name, payload in (("v2.json", v2), ("old.json", old)):
+        (tmp_path / name).write_text(json.dumps(payload))
+        r = load_scales(tmp_path / name, wb).recipe
+        assert (r.pi, r.quant, r.edges, r.scales, r.scale) == (wb.recipe.pi, wb.recipe.quant, wb.bands.edges, wb.recipe.scales,
+                                                               wb.recipe.scale)
 
 
 def test_registries_drive_the_cli_choices(monkeypatch):
