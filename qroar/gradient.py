@@ -121,8 +121,8 @@ class ScaleHooks:
 
     def _hook(self, t: Target):
         def hook(module, args, out):
-            f = self.factor(t)
-            return (out.to(torch.promote_types(out.dtype, f.dtype)) * f).to(out.dtype)
+            work = torch.promote_types(out.dtype, torch.float32)  # bf16 outputs scaled in fp32, fp64 ones in fp64
+            return (out.to(work) * self.factor(t).to(work)).to(out.dtype)
         return hook
 
     def __enter__(self):
@@ -367,7 +367,7 @@ class Outcome:
 
 
 def optimise(problem: Problem, val: Problem, bounds: list[tuple[float, float]], cfg, tie_layers: bool,
-             tick=None, check=None, dtype=torch.float32) -> Outcome:
+             tick=None, check=None, dtype=torch.float64) -> Outcome:
     """Adam on theta with projection onto the bounds, minibatches of cfg.grad_batch windows, a validation
     check every cfg.grad_every steps (early stopping, guard on the validation windows); returns the best
     guarded point seen (theta = 0, no scales, when nothing beats it). tick(kind, msg): one unit of work done;
