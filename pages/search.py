@@ -196,7 +196,12 @@ if r.folds is not None:
 
 st.subheader("Search trace")
 hist = r.history[r.history["fold"] == "all"]
-if hist.empty:
+if "step" in hist and hist["step"].notna().any():  # a gradient search: the objective against steps
+    st.plotly_chart(qc.steps_figure(hist), width="stretch")
+    st.caption("Each grey point is one step's training minibatch; the line is the objective on the dev documents "
+               "held back for early stopping. The best point there that passes the guard is then evaluated on every "
+               "dev document; the tables above are that evaluation.")
+elif hist.empty:
     st.caption("No candidate besides 1 was tried (every window is [1, 1]).")
 else:
     short = min(cfg.lengths)

@@ -406,11 +406,14 @@ class SearchResult:
     seconds: float = 0.0
     budget: int = 0  # the most the progress announced, in `unit`
     unit: str = "evaluations"  # what the progress counted (Strategy.unit): racing counts document evaluations
+    work: int = 0  # what the progress counted, in `unit` (cached evaluations included)
 
     @property
     def spent(self) -> int:
         """What this run computed, in `unit` (never more than `budget`)."""
-        return self.doc_evaluations if self.unit == "document evaluations" else self.evaluations
+        if self.unit == "document evaluations":
+            return self.doc_evaluations
+        return self.evaluations if self.unit == "evaluations" else self.work
 
     @property
     def gain_is_noise(self) -> bool:
@@ -434,7 +437,7 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
-            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit,
+            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit, "work": self.work,
             "noise_scales": self.noise_scales, "recipe": self.recipe, "search_cfg": self.search_cfg,
         }
 
@@ -899,7 +902,7 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         note=note, noise_scales=noise_scales, recipe=wb.recipe.to_dict(), search_cfg=cfg.to_dict(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"quant_scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
-        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit,
+        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit, work=run.done,
     )
 
 
