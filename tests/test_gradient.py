@@ -90,6 +90,22 @@ def test_hooked_quantized_model_equals_apply_before_quantization_under_rtn(wb64,
         assert (got - plain).abs().max() > 1e-3  # the scales act
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_hooked_model_equals_apply_before_for_gptq_and_awq(wb64, method):
+    """GPTQ's min-max groups, and AWQ's re-quantization with its searched statistics frozen, are row-scale
+    equivariant too: the hooked "after" model is the "before" model to rounding."""
+    wb, corpus = wb64
+    wb.set_quant(QuantConfig(method=method, bits=3, group_size=32, n_samples=4, seq_len=32, awq_grid=8), calib_corpus=corpus["dev"])
+    ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    wb.apply(replace(wb.recipe, scales=tuple(S), scale=ScaleConfig("shared", "before")))
+    with wb.variant("quant_scaled"):
+        want = _logits(wb, ids)
+    with wb.variant("quant"):
+        with gradient.ScaleHooks(wb.model, wb.bands, "shared", torch.log(torch.tensor([S], dtype=torch.float64))):
+            got = _logits(wb, ids)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_per_layer_hooks_act_on_their_own_layer(wb64):
     wb, _ = wb64
     ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
