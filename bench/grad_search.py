@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="gradient steps (each: --grad-batch windows, forward + backward)")
     ap.add_argument("--grad-batch", type=int, default=1)
     ap.add_argument("--grad-every", type=int, default=5)
-    ap.add_argument("--grad-val", type=float, default=0.2)
+    ap.add_argument("--grad-val", type=float, default=0.1, help="share of dev documents held back (0.1 of 10: one)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--strategies", default="race,grad", help="comma-separated: race, grad, grid")
     ap.add_argument("--quick", action="store_true",

@@ -70,7 +70,8 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
                 help=" · ".join(f"{k}: {v.label}" for k, v in STRATEGIES.items()) + ". Racing scores every candidate "
                      "on the first dev document, then only the best third that beat the current scale on more documents "
                      "(1, 3, 9, ..., all): several times cheaper on many documents; it can miss a candidate that wins "
-                     "only on later documents.")
+                     "only on later documents. Gradient: Adam steps on one log-scale per band (the scales as parameters "
+                     "of the quantized model), stopped early on dev documents held back from training.")
         w.select("Objective", "search.objective", list(OBJECTIVES), format_func=lambda k: OBJECTIVES[k].label)
         w.toggle("Nested windows (one forward per window)", "search.nested",
                  help="Shorter lengths are scored on the prefixes of the longest windows, so every length costs one "
