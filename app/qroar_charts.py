@@ -317,6 +317,35 @@ def trace_positions(history: pd.DataFrame) -> pd.Series:
     return x
 
 
+def steps_figure(history: pd.DataFrame, height: int = 420) -> go.Figure:
+    """A gradient search, step by step: the objective of each training minibatch (grey) and of each check on
+    the held-back dev documents (the early-stopping split; red x: failed the short-context guard there).
+
+    history: step, split ("train" | "val"), objective, guard_ok (as qroar.search records the "grad" strategy)."""
+    h = history[history["step"].notna()]
+    if h.empty:
+        raise ValueError("no steps to plot")
+    fig = go.Figure()
+    tr = h[h["split"] == "train"]
+    fig.add_trace(go.Scatter(x=tr["step"], y=tr["objective"], mode="lines+markers", name="training minibatch",
+                             line=dict(color="#9e9e9e", width=1), marker=dict(size=5, color="#9e9e9e"),
+                             hovertemplate="step %{x}: %{y:.5f}<extra>training minibatch</extra>"))
+    va = h[h["split"] == "val"]
+    ok = va["guard_ok"].astype(bool)
+    fig.add_trace(go.Scatter(x=va["step"], y=va["objective"], mode="lines+markers", name="held-back dev documents",
+                             line=dict(color=STYLE["quant_scaled"][1], width=2), marker=dict(size=8),
+                             hovertemplate="step %{x}: %{y:.5f}<extra>held-back dev documents</extra>"))
+    if (~ok).any():
+        bad = va[~ok]
+        fig.add_trace(go.Scatter(x=bad["step"], y=bad["objective"], mode="markers", name="failed the guard",
+                                 marker=dict(size=12, symbol="x", color=REJECTED_COLOUR), hoverinfo="skip"))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="objective (lower = better)")
+    fig = _style(fig, height)
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
 TRACE_CAPTION = ("Each candidate is compared with the scale it had to beat on the same documents: the band's "
                  "incumbent (exhaustive search: the best so far). With racing, a candidate dropped after 1 or 3 "
                  "documents is compared on those documents only; larger markers: more documents.")

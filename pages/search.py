@@ -70,7 +70,8 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
                 help=" · ".join(f"{k}: {v.label}" for k, v in STRATEGIES.items()) + ". Racing scores every candidate "
                      "on the first dev document, then only the best third that beat the current scale on more documents "
                      "(1, 3, 9, ..., all): several times cheaper on many documents; it can miss a candidate that wins "
-                     "only on later documents.")
+                     "only on later documents. Gradient: Adam steps on one log-scale per band (the scales as parameters "
+                     "of the quantized model), stopped early on dev documents held back from training.")
         if state.get("search.strategy") == "layer":
             n_layers = int(info.get("n_layers") or 1)
             w.number("Layer groups", "search.layer_groups", min_value=1, max_value=n_layers, step=1,
@@ -221,7 +222,12 @@ if r.folds is not None:
 
 st.subheader("Search trace")
 hist = r.history[r.history["fold"] == "all"]
-if hist.empty:
+if "step" in hist and hist["step"].notna().any():  # a gradient search: the objective against steps
+    st.plotly_chart(qc.steps_figure(hist), width="stretch")
+    st.caption("Each grey point is one step's training minibatch; the line is the objective on the dev documents "
+               "held back for early stopping. The best point there that passes the guard is then evaluated on every "
+               "dev document; the tables above are that evaluation.")
+elif hist.empty:
     st.caption("No candidate besides 1 was tried (every window is [1, 1]).")
 else:
     short = min(cfg.lengths)

@@ -26,6 +26,7 @@ tokenizer.json that fails to load) is left to the full load, which checks everyt
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -563,7 +564,10 @@ def search_plan(cfg, dev_sizes, held_sizes, per_band: list[int], bos: bool, quan
     strategy = STRATEGIES[cfg.strategy]
     n_dev = len(dev_sizes)
     budget = search_budget(cfg, n_dev, len(held_sizes), per_band)
-    evals = -(-budget // n_dev) if strategy.per_document else budget  # in passes over every dev document
+    if strategy.passes is not None:  # a unit that is not a pass over the dev documents (gradient steps)
+        evals = math.ceil(strategy.passes(n_dev, per_band, cfg) + 3)  # + the dev tables
+    else:
+        evals = -(-budget // n_dev) if strategy.per_document else budget  # in passes over every dev document
     n_held = 4 if quantized else 2  # held-out: fp, quant, quant_scaled and the fp_scaled control
     return SearchPlan(budget, strategy.unit, n_dev, evals, dev, n_held, held)
 

@@ -71,6 +71,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from qroar import gradient
 from qroar.errors import Cancelled, ConfigError, DataError
 from qroar.rescale import ScaleConfig
 
@@ -184,6 +185,14 @@ class SearchConfig:
     objective: str = "ppl"  # a key of OBJECTIVES
     allow_invariant: bool = False  # search even when the invariance note says scales cannot act
     layer_groups: int = 4  # strategy "layer": contiguous layer groups refined per band (the number of layers: each layer)
+    # strategy "grad" (qroar.gradient): Adam steps on the log-scales, minibatches of windows, early stopping
+    grad_steps: int = 20
+    grad_lr: float = 0.02
+    grad_batch: int = 2  # training windows per step
+    grad_val: float = 0.25  # share of the dev documents kept out of training for early stopping
+    grad_every: int = 4  # a validation check every this many steps
+    grad_patience: int = 3  # checks without improvement before stopping
+    seed: int = 0
 
     def __post_init__(self):
         for name in ("lengths", "length_weights"):
@@ -213,6 +222,15 @@ class SearchConfig:
             raise ConfigError(f"layer_groups must be an integer >= 1 (contiguous groups of layers), got {self.layer_groups!r}.")
         if not (isinstance(self.race_eta, int) and 2 <= self.race_eta <= 4):
             raise ConfigError(f"race_eta (the share of candidates kept per rung is 1/eta) must be 2, 3 or 4, got {self.race_eta!r}.")
+        for name, lo, hi in (("grad_steps", 1, 10000), ("grad_batch", 1, 1024), ("grad_every", 1, 10000),
+                             ("grad_patience", 1, 1000), ("seed", 0, 2**63 - 1)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                raise ConfigError(f"{name} must be an integer from {lo} to {hi}, got {v!r}.")
+        if not (isinstance(self.grad_lr, (int, float)) and math.isfinite(self.grad_lr) and 0 < self.grad_lr <= 1):
+            raise ConfigError(f"grad_lr (Adam's step on the log-scales) must be in (0, 1], got {self.grad_lr!r}.")
+        if not (isinstance(self.grad_val, (int, float)) and 0 <= self.grad_val <= 0.5):
+            raise ConfigError(f"grad_val (the share of dev documents kept for early stopping) must be in [0, 0.5], got {self.grad_val!r}.")
 
     @property
     def race(self) -> bool:
@@ -267,6 +285,15 @@ def add_search_args(p) -> None:
                    help="score every length from one forward at the longest (shorter lengths = prefixes of the long windows)")
     o.add_argument("--allow-invariant", action="store_true",
                    help="search even when the settings cannot change the model beyond rounding (to see the noise)")
+    gr = p.add_argument_group("gradient search (--strategy grad)")
+    gr.add_argument("--steps", type=int, default=base.grad_steps, help="most Adam steps on the log-scales")
+    gr.add_argument("--lr", type=float, default=base.grad_lr, help="Adam's learning rate on the log-scales")
+    gr.add_argument("--grad-batch", type=int, default=base.grad_batch, help="training windows per step")
+    gr.add_argument("--grad-val", type=float, default=base.grad_val,
+                    help="share of the dev documents kept out of training for early stopping (0-0.5)")
+    gr.add_argument("--grad-every", type=int, default=base.grad_every, help="a validation check every this many steps")
+    gr.add_argument("--patience", type=int, default=base.grad_patience, help="validation checks without improvement before stopping")
+    gr.add_argument("--seed", type=int, default=base.seed, help="seed of the window order")
 
 
 def search_config_from_args(a, trained_context: int) -> SearchConfig:
@@ -282,7 +309,9 @@ def search_config_from_args(a, trained_context: int) -> SearchConfig:
                         guard_tol=a.guard, dev_corpus=a.dev_corpus, heldout_corpus=a.heldout_corpus,
                         max_windows_per_doc=a.max_windows or None, batch_size=a.batch_size, checkpoint=a.checkpoint,
                         k_folds=a.folds, nested=a.nested, strategy=a.strategy, race_eta=a.race_eta,
-                        objective=a.objective, allow_invariant=a.allow_invariant, layer_groups=a.layer_groups)
+                        objective=a.objective, allow_invariant=a.allow_invariant, layer_groups=a.layer_groups,
+                        grad_steps=a.steps, grad_lr=a.lr, grad_batch=a.grad_batch, grad_val=a.grad_val,
+                        grad_every=a.grad_every, grad_patience=a.patience, seed=a.seed)
 
 
 def search_args(cfg: SearchConfig) -> list[str]:
@@ -295,7 +324,9 @@ def search_args(cfg: SearchConfig) -> list[str]:
     for flag, name in (("--dev-corpus", "dev_corpus"), ("--heldout-corpus", "heldout_corpus"), ("--batch-size", "batch_size"),
                        ("--strategy", "strategy"), ("--race-eta", "race_eta"), ("--objective", "objective"),
                        ("--candidates", "n_candidates"), ("--sweeps", "sweeps"), ("--guard", "guard_tol"),
-                       ("--folds", "k_folds"), ("--checkpoint", "checkpoint"), ("--layer-groups", "layer_groups")):
+                       ("--folds", "k_folds"), ("--checkpoint", "checkpoint"), ("--layer-groups", "layer_groups"),
+                       ("--steps", "grad_steps"), ("--lr", "grad_lr"), ("--grad-batch", "grad_batch"), ("--grad-val", "grad_val"),
+                       ("--grad-every", "grad_every"), ("--patience", "grad_patience"), ("--seed", "seed")):
         v = getattr(cfg, name)
         if v != getattr(base, name) and v is not None:
             out += [flag, repr(v) if isinstance(v, float) else str(v)]
@@ -426,11 +457,14 @@ class SearchResult:
     seconds: float = 0.0
     budget: int = 0  # the most the progress announced, in `unit`
     unit: str = "evaluations"  # what the progress counted (Strategy.unit): racing counts document evaluations
+    work: int = 0  # what the progress counted, in `unit` (cached evaluations included)
 
     @property
     def spent(self) -> int:
         """What this run computed, in `unit` (never more than `budget`)."""
-        return self.doc_evaluations if self.unit == "document evaluations" else self.evaluations
+        if self.unit == "document evaluations":
+            return self.doc_evaluations
+        return self.evaluations if self.unit == "evaluations" else self.work
 
     @property
     def gain_is_noise(self) -> bool:
@@ -454,7 +488,7 @@ class SearchResult:
             "gain_is_noise": self.gain_is_noise, "dev": rec(self.dev), "heldout": rec(self.heldout),
             "history": rec(self.history), "folds": rec(self.folds), "settings": self.settings,
             "evaluations": self.evaluations, "reused": self.reused, "seconds": self.seconds,
-            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit,
+            "doc_evaluations": self.doc_evaluations, "budget": self.budget, "unit": self.unit, "work": self.work,
             "noise_scales": self.noise_scales, "recipe": self.recipe, "search_cfg": self.search_cfg,
         }
 
@@ -883,10 +917,12 @@ class Strategy:
     @property
     def bound_only(self) -> bool:
         return self.per_document or not self.exact
+    work: str | None = None  # the unit's name when it is neither (e.g. "steps + evaluations")
+    passes: Callable | None = None  # (n_docs, per_band, cfg) -> the budget in passes over every dev document
 
     @property
     def unit(self) -> str:
-        return "document evaluations" if self.per_document else "evaluations"
+        return self.work or ("document evaluations" if self.per_document else "evaluations")
 
 
 @dataclass(frozen=True)
@@ -929,6 +965,8 @@ STRATEGIES: dict[str, Strategy] = {
                      label="coordinate descent, candidates raced over dev documents (successive halving)"),
     "layer": Strategy(descend_layer, _layer_budget, per_document=False, exact=False,
                       label="per-layer scales: the shared descent, then each layer group's bands refined around it"),
+    "grad": Strategy(gradient.descend_grad, gradient.budget, per_document=False, spreads=False, work="steps + evaluations",
+                     passes=gradient.dev_passes, label="gradient refinement of one log-scale per band (Adam, early stopping)"),
 }
 OBJECTIVES: dict[str, Objective] = {
     "ppl": Objective(_ppl_objective, "length-weighted mean log-perplexity"),
@@ -1066,14 +1104,12 @@ def search(wb, cfg: SearchConfig, windows=None, progress: Callable[[float, str],
         folds = folds.merge(f.pivot_table(index=by, columns="fold", values="g").add_prefix("fold").reset_index(), on=by)
     return SearchResult(
         scales=_plain(scales), scale_cfg=wb.scale_cfg, windows=win_table, candidates=cands,
-        history=pd.DataFrame(history, columns=["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs",
-                                               "incumbent_objective", "unscaled_short_log_ppl"]
-                             + (["group", "layers"] if cfg.strategy == "layer" else [])),
+        history=pd.DataFrame(history, columns=HISTORY_COLUMNS + (["group", "layers"] if cfg.strategy == "layer" else [])),
         dev=dev_table, heldout=held_table, objective={"dev": dev_obj, "heldout": held_obj},
         note=note, noise_scales=noise_scales, recipe=wb.recipe.to_dict(), search_cfg=cfg.to_dict(),
         folds=folds, settings={**settings, "settings_hash": h, "variants": {"quant_scaled": scaled, "quant": base}},
         evaluations=run.fresh, reused=len(run.reused_keys), seconds=round(time.time() - t0, 3),
-        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit,
+        doc_evaluations=run.doc_evals, budget=run.total, unit=run.unit, work=run.done,
     )
 
 
@@ -1091,6 +1127,11 @@ def _scales_text(scales) -> str:
     t = pd.DataFrame([r for _, r in rows], index=[n for n, _ in rows], columns=[f"b{b}" for b in range(len(scales[0]))])
     t.index.name = "layers"
     return "per layer (layers x bands)\n" + t.to_string(float_format=lambda x: f"{x:.4g}")
+
+
+# one row per candidate tried (grid, race), or per step and validation check (grad: step, split "train" | "val")
+HISTORY_COLUMNS = ["fold", "sweep", "band", "g", "objective", "short_log_ppl", "guard_ok", "docs",
+                   "incumbent_objective", "unscaled_short_log_ppl", "step", "split"]
 
 
 def format_result(r: SearchResult) -> str:

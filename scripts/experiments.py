@@ -5,6 +5,7 @@
   python scripts/experiments.py qroar      --model qroar-tiny --lengths 256,1024,2048 --factor 8 --out docs/results
   python scripts/experiments.py race       --model qroar-tiny --lengths 256,1024,2048 --factor 8 --nested --max-windows 1
   python scripts/experiments.py search-methods --model qroar-tiny --bits 3 --nested --max-windows 1 --strategies grid,race,layer
+  python scripts/experiments.py gradient   --model qroar-tiny --lengths 256,1024,2048 --factor 8 --bits 3 --nested --max-windows 1
 
 Each writes OUT/<experiment>-<model>.json (every number) and .md (the table as it appears in the docs).
 Perplexity is on the held-out documents of the embedded corpus; searches tune on the dev documents.
@@ -190,7 +191,7 @@ def search_methods(wb, a, save=None) -> tuple[dict, str]:
         for strategy in a.strategies:
             cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths),
                                max_windows_per_doc=a.max_windows, heldout_corpus=a.corpus, strategy=strategy,
-                               nested=a.nested, k_folds=a.folds, layer_groups=a.layer_groups)
+                               nested=a.nested, k_folds=a.folds, layer_groups=a.layer_groups, grad_steps=a.steps)
             wb.set_scales([1.0] * wb.bands.n_bands, ScaleConfig("shared", "before"))
             t = time.perf_counter()
             r = search(wb, cfg)
@@ -223,7 +224,39 @@ def _methods_md(runs) -> str:
     return "\n".join(md)
 
 
-EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar, "race": race, "search-methods": search_methods}
+def gradient(wb, a) -> tuple[dict, str]:
+    """Grid, racing and gradient search on the same settings: held-out change, the FP + scales control (the
+    chosen scales on the full-precision model, held-out, against FP), the work each spent and its time."""
+    runs = []
+    for bits in _setups(wb, a):
+        for strategy in (a.strategies if isinstance(a.strategies, list) else a.strategies.split(",")):
+            cfg = SearchConfig(n_candidates=a.candidates, sweeps=a.sweeps, lengths=tuple(a.lengths), max_windows_per_doc=a.max_windows,
+                               heldout_corpus=a.corpus, strategy=strategy, nested=a.nested, grad_steps=a.steps)
+            t = time.perf_counter()
+            r = search(wb, cfg)
+            secs = time.perf_counter() - t
+            wb.set_scales(None)
+            o = r.objective["heldout"]
+            runs.append(dict(bits=bits, strategy=strategy, scales=[round(x, 4) for x in r.scales], seconds=secs,
+                             unit=r.unit, spent=r.spent, evaluations=r.evaluations, doc_evaluations=r.doc_evaluations,
+                             steps=int(r.history["step"].max()) if strategy == "grad" and len(r.history) else None,
+                             gain_pct=100 * r.heldout_gain(),
+                             dev_change_pct=100 * r.objective_change(r.objective["dev"]["quant_scaled"], r.objective["dev"]["quant"]),
+                             control_pct=100 * r.objective_change(o["fp_scaled"], o["fp"]),
+                             dev_objective=r.objective["dev"], heldout_objective=o,
+                             history=json.loads(r.history.to_json(orient="records"))))
+            print(f"  w{bits} {strategy}: {runs[-1]['gain_pct']:+.3f}% held-out, {r.spent} {r.unit}, {secs:.0f}s", flush=True)
+    md = ["| bits | search | work | document forwards | seconds | dev objective change | held-out objective change "
+          "| FP + scales vs FP (control) | scales |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        md.append(f"| W{r['bits']} | {r['strategy']} | {r['spent']} {r['unit']} | {r['doc_evaluations']} | {r['seconds']:.0f} | "
+                  f"{r['dev_change_pct']:+.3f}% | {r['gain_pct']:+.3f}% | {r['control_pct']:+.3f}% | "
+                  + ", ".join(f"{g:.3g}" for g in r["scales"]) + " |")
+    return {"runs": runs}, "\n".join(md)
+
+
+EXPERIMENTS = {"coupling": coupling, "quantizers": quantizers, "qroar": qroar, "race": race, "search-methods": search_methods,
+               "gradient": gradient}
 
 
 def main():
@@ -249,9 +282,10 @@ def main():
                     help="qroar: mode/order pairs to search, comma-separated")
     ap.add_argument("--race", action="store_true", help="qroar: racing search (successive halving over dev documents)")
     ap.add_argument("--nested", action="store_true", help="qroar/race: every length from one forward at the longest")
-    ap.add_argument("--strategies", default="grid,race,layer", help="search-methods: search strategies, comma-separated")
+    ap.add_argument("--strategies", default="grid,race,layer,grad", help="search-methods: search strategies, comma-separated")
     ap.add_argument("--layer-groups", type=int, default=4, help="search-methods: layer groups of the layer strategy")
     ap.add_argument("--folds", type=int, default=0, help="search-methods: k-fold stability (0 = off)")
+    ap.add_argument("--steps", type=int, default=20, help="search-methods / gradient: most steps of the grad strategy")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--out", default="docs/results")
     a = ap.parse_args()

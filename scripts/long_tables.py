@@ -121,6 +121,23 @@ def plans(a) -> list[Job]:
                          ("eval", _q("eval", *b, "--scales", "{scales}", *ev, "--out", "{dir}/eval-scaled"))]
                 jobs.append(Job(f"qroar-{tag}-{qn}", "regime", 4 * factor, steps,
                                 dict(pi=pi, factor=factor, quant=qn, lengths=lengths)))
+    if "methods" in a.plan:  # search methods compared on the same settings: grid, racing, per-layer, gradient
+        settings = [("yarn-x8-rtn3-g64", 8.0, "rtn3-g64"), ("yarn-x4-rtn4-ch", 4.0, "rtn4-ch")]
+        extra = {"grid": [], "race": [], "layer": ["--layer-groups", "2" if quick else "4"],
+                 "grad": ["--steps", "4" if quick else "30"]}
+        for tag, factor, qn in settings:
+            lengths = [256, 1024] if quick else [2048, 8192, 32768]
+            b = [*dev, "--pi", "yarn", "--factor", factor, *QUANTS[qn], "--bands", "8", "--mode", "shared", "--order", "before"]
+            if quick:
+                b += ["--calib-samples", "2", "--calib-len", "256"]
+            ev = ["--corpus", "embedded:heldout", "--lengths", _csv(lengths), "--max-windows", "1" if quick else "2", "--quiet"]
+            for strat in a.strategies.split(","):
+                nested = [] if strat == "grad" else ["--nested"]
+                steps = [("search", _q("search", *b, "--lengths", _csv(lengths), "--strategy", strat, *nested, *extra[strat],
+                                       "--max-windows", "1", "--quiet", "--report", "{dir}/search", "--out", "{dir}/scales.json")),
+                         ("eval", _q("eval", *b, "--scales", "{scales}", *ev, "--out", "{dir}/eval-scaled"))]
+                jobs.append(Job(f"methods-{tag}-{strat}", "methods", {"grid": 6, "layer": 9, "grad": 5, "race": 3}[strat] * factor,
+                                steps, dict(pi="yarn", factor=factor, quant=qn, strategy=strat, lengths=lengths)))
     if "precision" in a.plan:  # the same numbers in fp32, TF32 and bf16: which precision agrees with fp32
         lengths = [256, 1024] if quick else [8192, 32768]
         for dt in ("fp32", "tf32", "bf16"):
@@ -501,11 +518,39 @@ def collect_precision(work: Path, model: str) -> tuple[dict, str]:
     return data, "\n".join(md)
 
 
+def collect_methods(work: Path, model: str) -> tuple[dict, str]:
+    data = {"runs": []}
+    md = ["## Search methods compared (held-out documents; PTQ + scales vs PTQ per length from `qroar eval`, 2 windows per "
+          "document; the held-out objective and the FP + scales control from the search's own held-out table)", "",
+          "| setting | strategy | held-out objective vs PTQ | control FP + scales vs FP | PTQ + scales vs PTQ by length | "
+          "evaluations | search s | scales |", "|---|---|---|---|---|---|---|---|"]
+    for job in sorted(work.glob("methods-*")):
+        meta, rep, ev = _load(job / "meta.json"), _load(job / "search.json"), _load(job / "eval-scaled.json")
+        if rep is None or ev is None:
+            continue
+        q, qs = _by_role(ev, "quant")["all"], _by_role(ev, "quant_scaled")["all"]
+        o = rep["objective"]["heldout"]
+        ctrl = math.exp(o["fp_scaled"] - o["fp"]) - 1 if "fp_scaled" in o else float("nan")
+        sc = rep.get("scales")
+        per_layer = bool(sc) and isinstance(sc[0], list)
+        row = dict(meta=meta, gain_pct=100 * _gain(rep), control_pct=100 * ctrl, by_length={L: 100 * (qs[L] / q[L] - 1) for L in q},
+                   evaluations=rep.get("evaluations"), doc_evaluations=rep.get("doc_evaluations"), seconds=rep.get("seconds"),
+                   scales=sc, commands=[_cmd(job, "search"), _cmd(job, "eval")])
+        data["runs"].append(row)
+        shown = (f"{len(sc)} layers x {len(sc[0])} bands, range {min(min(r) for r in sc):.3g}-{max(max(r) for r in sc):.3g}"
+                 if per_layer else ", ".join(f"{g:.3g}" for g in sc))
+        md.append(f"| YaRN x{meta['factor']:g}, {QUANT_LABEL[meta['quant']]} | {meta['strategy']} | {row['gain_pct']:+.2f}% | "
+                  f"{row['control_pct']:+.2f}% | " + " / ".join(f"{v:+.2f}%" for _, v in sorted(row["by_length"].items()))
+                  + f" | {row['evaluations']} | {row['seconds']:.0f} | {shown} |")
+    return data, "\n".join(md)
+
+
 def collect(a) -> None:
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model = a.model.replace(":", "-")
-    for plan, fn in (("fidelity", collect_fidelity), ("regime", collect_regime), ("precision", collect_precision)):
+    for plan, fn in (("fidelity", collect_fidelity), ("regime", collect_regime), ("precision", collect_precision),
+                     ("methods", collect_methods)):
         if not list(work.glob(f"{plan}-*")) and not (plan == "regime" and list(work.glob("qroar-*"))):
             continue
         data, md = fn(work, model)
@@ -533,6 +578,7 @@ def main() -> None:
     r.add_argument("--deadline", type=float, default=0, help="seconds after which no new job starts (0: none)")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--only", default="", help="comma-separated parts of job names to keep")
+    r.add_argument("--strategies", default="grid,race,layer,grad", help="methods: the search strategies compared")
     r.add_argument("--fold-quants", default="rtn4-ch,rtn3-g64", help="regime: quantizers whose search also runs 3 folds")
     p = sub.add_parser("probe")
     p.add_argument("--device", default="cuda")

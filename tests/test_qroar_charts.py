@@ -164,3 +164,15 @@ def test_control_change_reads_the_objective_or_weighs_the_held_out_rows():
                              log_ppl=[2.0, 2.2, 1.9, 2.2]))
     assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held) == pytest.approx(math.exp(-0.1 * 64 / 192) - 1)
     assert qc.control_change({"quant": 2.1, "quant_scaled": 2.0}, held.query("variant == 'fp'")) is None
+
+
+def test_steps_figure_draws_training_and_validation_against_steps():
+    h = pd.DataFrame({"step": [0, 1, 2, 2, 3, 4, 4], "split": ["val", "train", "train", "val", "train", "train", "val"],
+                      "objective": [3.0, 3.2, 3.1, 2.9, 3.0, 2.8, 2.95], "guard_ok": [True, None, None, True, None, None, False],
+                      "band": None, "g": None})
+    fig = qc.steps_figure(h)
+    names = [t.name for t in fig.data]
+    assert names == ["training minibatch", "held-back dev documents", "failed the guard"]
+    assert list(fig.data[0].x) == [1, 2, 3, 4] and list(fig.data[1].y) == [3.0, 2.9, 2.95] and list(fig.data[2].x) == [4]
+    with pytest.raises(ValueError):
+        qc.steps_figure(h.assign(step=None))
