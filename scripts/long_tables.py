@@ -161,7 +161,8 @@ def _fill(cmd: list[str], d: Path) -> list[str]:
         c = c.replace("{dir}", str(d))
         for key in ("scales-ppl", "scales-kld", "scales"):
             if c == "{" + key + "}":
-                c = _csv(json.loads((d / f"{key}.json").read_text())["scales"])
+                sc = json.loads((d / f"{key}.json").read_text())["scales"]
+                c = ";".join(_csv(r) for r in sc) if sc and isinstance(sc[0], list) else _csv(sc)  # per layer: rows by ";"
         out.append(c)
     return out
 

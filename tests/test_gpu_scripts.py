@@ -68,8 +68,8 @@ def _plans(**kw):
     sys.path.insert(0, str(ROOT / "scripts"))
     import long_tables
 
-    a = SimpleNamespace(plan="fidelity,regime,precision,probe", model="smollm2-135m", device="cuda", dtype="bf16",
-                        quick=False, only="", fold_quants="rtn4-ch,rtn3-g64")
+    a = SimpleNamespace(plan="fidelity,regime,precision,methods,probe", model="smollm2-135m", device="cuda", dtype="bf16",
+                        quick=False, only="", fold_quants="rtn4-ch,rtn3-g64", strategies="grid,race,layer,grad")
     a.__dict__.update(kw)
     return long_tables, long_tables.plans(a)
 
@@ -81,7 +81,8 @@ def test_every_planned_qroar_command_parses_with_the_real_cli(quick, tmp_path):
     lt, jobs = _plans(quick=quick)
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
-    assert {"fidelity-x4-rtn3-g64", "regime-yarn-x8", "qroar-yarn-x8-rtn4-ch", "precision-tf32"} <= set(names)
+    assert {"fidelity-x4-rtn3-g64", "regime-yarn-x8", "qroar-yarn-x8-rtn4-ch", "precision-tf32",
+            "methods-yarn-x8-rtn3-g64-grad", "methods-yarn-x4-rtn4-ch-layer"} <= set(names)
     d = tmp_path / "job"
     d.mkdir()
     for key in ("scales", "scales-ppl", "scales-kld"):
@@ -99,7 +100,7 @@ def test_every_planned_qroar_command_parses_with_the_real_cli(quick, tmp_path):
     # searches tune no longer than 32K (64K only in the evaluations), and only the chosen quantizers run folds
     for job in jobs:
         for step, cmd in job.steps:
-            if "search" in cmd and "--lengths" in cmd and not quick:
+            if "search" in cmd and "--lengths" in cmd and not quick and not job.name.startswith("methods-"):
                 assert max(int(x) for x in cmd[cmd.index("--lengths") + 1].split(",")) <= 32768
             if job.name.startswith("qroar-") and step == "search" and not quick:
                 folds = cmd[cmd.index("--folds") + 1]
