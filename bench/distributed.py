@@ -205,6 +205,7 @@ def split_run(a) -> dict:
 
     out, got = {}, {}
     for name, kw in (("one GPU", dict(device="cuda:0")), ("two GPUs, split by layers", dict(device_map="halves"))):
+        torch.cuda.init()  # the peak counters of a device exist once CUDA is initialised in this process
         for i in range(2):
             torch.cuda.reset_peak_memory_stats(i)
         if kw.get("device_map") == "halves":

@@ -103,7 +103,7 @@ def _results(wb) -> dict:
     r = search(wb, SearchConfig(n_candidates=7, lengths=(256, 512), dev_corpus="embedded:dev", heldout_corpus="embedded:heldout",
                                 max_windows_per_doc=1, batch_size=1, strategy="race"),
                [(0.8, 1.25), (0.85, 1.2), (1.0, 1.0), (1.0, 1.0)])
-    out["scales"], out["heldout"] = r.scales, r.heldout
+    out["scales"], out["heldout"], out["history"] = r.scales, r.heldout, r.history
     wb.apply(prior)
     folder = Path(tempfile.mkdtemp(prefix="qroar-mgpu-export-")) / "hf"
     export.export(wb, "hf", folder)
@@ -124,11 +124,28 @@ def _same(split: dict, one: dict, where: str) -> None:
     _close(split["tir"], one["tir"], "tir", 1e-3, f"{where}: TIR")
     _close(split["fidelity"], one["fidelity"], "mean_kld", 1e-3, f"{where}: fidelity KL")
     _close(split["fidelity"], one["fidelity"], "ppl_var", 1e-4, f"{where}: fidelity perplexity")
-    assert split["scales"] == one["scales"], f"{where}: search chose {split['scales']} vs {one['scales']} on one GPU"
-    _close(split["heldout"], one["heldout"], "log_ppl", 1e-4, f"{where}: search held-out")
+    if split["scales"] != one["scales"]:
+        _tie(split, one, where)
+    else:
+        _close(split["heldout"], one["heldout"], "log_ppl", 1e-4, f"{where}: search held-out")
     assert split["export"].keys() == one["export"].keys(), f"{where}: exported tensors differ in names"
     for k, v in split["export"].items():  # the same weights written, wherever they sat
         assert torch.equal(v, one["export"][k]), f"{where}: exported {k} differs"
+
+
+def _tie(split: dict, one: dict, where: str, rtol: float = 1e-4) -> None:
+    """Different scales are accepted only for a tie: at the first band where the choices part, the one-GPU run's
+    own objective for the split run's choice is within rtol of its winner's (random weights make such near-ties;
+    the numbers agree to rtol, the argmin may not)."""
+    b = next(i for i, (x, y) in enumerate(zip(split["scales"], one["scales"])) if x != y)
+    h = one["history"][(one["history"]["band"] == b) & (one["history"]["fold"] == "all")]
+    obj = {round(float(g), 9): float(o) for g, o in zip(h["g"], h["objective"]) if o == o}
+    mine, theirs = obj.get(round(one["scales"][b], 9)), obj.get(round(split["scales"][b], 9))
+    if mine is None:  # the winner kept the incumbent: its objective is the band's incumbent_objective
+        mine = float(h["incumbent_objective"].min())
+    assert theirs is not None and abs(theirs - mine) <= rtol * abs(mine), (
+        f"{where}: search chose {split['scales']} vs {one['scales']} on one GPU, and band {b}'s choices are not tied "
+        f"({theirs} vs {mine})")
 
 
 _ONE: dict = {}
@@ -152,7 +169,8 @@ def check_balanced_map_over_two_gpus(root: Path) -> None:
         return print("  (string maps need GPUs: skipped on the CPU)")
     path = _model(root)
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    r = _results(_prepared(path, device_map="balanced", max_memory={0: int(size * 0.7), 1: "20GiB"}))
+    # neither GPU may hold the whole model: the balanced map has to use both
+    r = _results(_prepared(path, device_map="balanced", max_memory={0: int(size * 0.6), 1: int(size * 0.6)}))
     assert r["devices"] == ["cuda:0", "cuda:1"], f"balanced placed weights on {r['devices']}"
     _same(r, _on_one_gpu(root), "balanced map")
 
