@@ -470,29 +470,38 @@ def _run_optimise(run, fold, docs, bounds, tie_layers: bool) -> Outcome:
         return optimise(train, val, bounds, run.cfg, tie_layers, tick, run._check)
 
 
-def descend_grad(run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list[float], dict, dict]:
-    """The strategy: one scale per band shared by all layers, by gradient (module docstring)."""
+def _descend(run, fold: str, docs, cands: list[list[float]], history: list, tie_layers: bool):
     bounds = [(min(c), max(c)) for c in cands]
     ones = [1.0] * len(cands)
     base = run.evaluate(fold, docs, ones, None, f"[{fold}] unscaled quantized baseline")
-    out = _run_optimise(run, fold, docs, bounds, tie_layers=True)
+    out = _run_optimise(run, fold, docs, bounds, tie_layers=tie_layers)
     history += [dict(fold=fold, sweep=0, band=None, g=None, **h) for h in out.history]
     limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
-    theta = out.theta[0].double()
+    theta = out.theta.double()
     for shrink, what in ((1.0, "best validated point"), (0.5, "half its log-scales")):
         if not bool(theta.abs().max() > 0):
             break
-        scales = [float(g) for g in torch.exp(shrink * theta)]
+        g = torch.exp(shrink * theta)
+        scales = [float(x) for x in g[0]] if tie_layers else [[float(x) for x in row] for row in g]
         e = run.evaluate(fold, docs, scales, limit, f"[{fold}] {what} on every dev document")
         if e["guard_ok"] and e["objective"] is not None and e["objective"] < base["objective"]:
             return scales, e, base
     return ones, base, base
 
 
+def descend_grad(run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list, dict, dict]:
+    """The strategy "grad": one scale per band shared by all layers, by gradient (module docstring)."""
+    return _descend(run, fold, docs, cands, history, tie_layers=True)
+
+
+def descend_grad_layer(run, fold: str, docs, cands: list[list[float]], history: list) -> tuple[list, dict, dict]:
+    """The strategy "grad-layer": one scale per layer and band (per-layer scales), by gradient."""
+    return _descend(run, fold, docs, cands, history, tie_layers=False)
+
+
 def layer_scales(run, fold: str, docs, cands: list[list[float]]) -> torch.Tensor:
     """Per-layer band scales (n_layers, B), float64, of the best validated point: the optimisation of
-    descend_grad with one row of theta per layer (to be registered as a strategy once the recipe holds
-    per-layer scales)."""
+    descend_grad with one row of theta per layer (the optimisation of the "grad-layer" strategy)."""
     out = _run_optimise(run, fold, docs, [(min(c), max(c)) for c in cands], tie_layers=False)
     return torch.exp(out.theta.double())
 

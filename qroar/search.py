@@ -967,6 +967,9 @@ STRATEGIES: dict[str, Strategy] = {
                       label="per-layer scales: the shared descent, then each layer group's bands refined around it"),
     "grad": Strategy(gradient.descend_grad, gradient.budget, per_document=False, spreads=False, work="steps + evaluations",
                      passes=gradient.dev_passes, label="gradient refinement of one log-scale per band (Adam, early stopping)"),
+    "grad-layer": Strategy(gradient.descend_grad_layer, gradient.budget, per_document=False, spreads=False,
+                           work="steps + evaluations", passes=gradient.dev_passes,
+                           label="gradient refinement of one log-scale per layer and band (per-layer scales)"),
 }
 OBJECTIVES: dict[str, Objective] = {
     "ppl": Objective(_ppl_objective, "length-weighted mean log-perplexity"),

@@ -282,6 +282,19 @@ def test_layer_scales_give_one_row_per_layer(wb32):
     assert bool(((s >= lo - 1e-6) & (s <= hi + 1e-6)).all())
 
 
+def test_grad_layer_search_gives_per_layer_scales_within_their_bounds(wb32):
+    wb, corpus = wb32
+    r = search(wb, grad_cfg(corpus, strategy="grad-layer", grad_lr=0.3), WINDOWS)
+    assert len(r.scales) == 2 and all(len(row) == 4 for row in r.scales)  # layers x bands
+    for row in r.scales:
+        for g, (lo, hi) in zip(row, WINDOWS):
+            assert lo - 1e-9 <= g <= hi + 1e-9
+    if r.scales != [[1.0] * 4] * 2:  # it moved: the layers are free to differ, and the result is the ordinary path's
+        assert r.objective["dev"]["quant_scaled"] < r.objective["dev"]["quant"]
+    assert set(r.heldout.variant) == {"fp", "quant", "quant_scaled", "fp_scaled"}
+    assert wb.recipe.per_layer == (r.scales != [1.0] * 4 and isinstance(r.scales[0], list))
+
+
 def test_grad_settings_are_checked_and_round_trip():
     import argparse
 
