@@ -125,7 +125,7 @@ def walk(pg, app_url: str) -> None:
     path = ARTIFACTS / info.value.suggested_filename
     info.value.save_as(path)
     scales = json.loads(path.read_text())
-    assert scales["schema_version"] == 2
+    assert scales["schema_version"] == 3
     assert scales["scales"][7] == pytest.approx(set_to, abs=5e-4) and scales["scales"][:7] == [1.0] * 7
     ok(pg)
     shot(pg, "04-export")
