@@ -81,7 +81,9 @@ def passkey_figure(summary: pd.DataFrame, change: pd.DataFrame | None = None, sc
     title, zrange = SCORES[score]
     variants = list(dict.fromkeys(summary["variant"]))
     panels = [label(v) for v in variants] + (["PTQ + scales minus PTQ"] if change is not None else [])
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.06)
+    # long titles over narrow panels would run into each other: break them after their first words
+    titles = [t.replace(" (", "<br>(").replace(" minus ", "<br>minus ") if len(panels) > 3 else t for t in panels]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles, horizontal_spacing=0.06)
     if zrange is None:
         vals = summary[score].astype(float)
         zrange = (float(vals.min()), float(vals.max()))

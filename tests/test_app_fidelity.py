@@ -52,7 +52,7 @@ def test_fidelity_and_retrieval_run_every_variant_the_recipe_has(results):
     fig = fidelity_charts.fidelity_figure(fid.buckets, 64)
     assert fig.layout.xaxis.type == "log" and len(fig.data) == 2 * 3  # KL and same top per variant against FP
     heat = fidelity_charts.passkey_figure(ret.summary, paired_change(ret.trials))
-    assert [a.text for a in heat.layout.annotations][-1] == "PTQ + scales minus PTQ" and len(heat.data) == 5
+    assert [a.text for a in heat.layout.annotations][-1] == "PTQ + scales<br>minus PTQ" and len(heat.data) == 5
 
 
 def test_fidelity_and_retrieval_results_become_named_runs(results):
