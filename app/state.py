@@ -69,6 +69,8 @@ DEFAULTS = {
     "search.objective": "ppl",  # a key of qroar.search.OBJECTIVES
     "search.nested": False,  # every length from one forward at the longest
     "search.layer_groups": 4,  # strategy "layer": contiguous layer groups with their own band scales
+    "search.grad_steps": 20,  # strategies "grad" / "grad-layer": at most this many Adam steps (SearchConfig's default)
+    "search.grad_lr": 0.02,  # their learning rate on the log-scales
     "qroar.layer_base": None,  # Tune over per-layer scales: the per-layer scales its band multipliers act on
     "export.folder": "",
     "export.format": "hf",  # a key of qroar.export.FORMATS

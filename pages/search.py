@@ -78,6 +78,14 @@ with st.expander("Search settings", expanded=state.job("search") is None, icon="
                      help=f"Contiguous groups of layers, each with its own band scales after the shared descent "
                           f"({n_layers} = every layer its own). More groups: more evaluations, and more room to "
                           "overfit the dev documents; the held-out numbers decide.")
+        if state.get("search.strategy") in ("grad", "grad-layer"):
+            g1, g2 = st.columns(2)
+            with g1:
+                w.number("Gradient steps", "search.grad_steps", min_value=1, max_value=500, step=1,
+                         help="At most this many Adam steps; early stopping on held-back dev documents may end sooner.")
+            with g2:
+                w.number("Learning rate", "search.grad_lr", min_value=0.001, max_value=1.0, step=0.01, format="%.3f",
+                         help="Adam's step size on the log-scales (0.02: about 2% per step at most).")
         w.select("Objective", "search.objective", list(OBJECTIVES), format_func=lambda k: OBJECTIVES[k].label)
         w.toggle("Nested windows (one forward per window)", "search.nested",
                  help="Shorter lengths are scored on the prefixes of the longest windows, so every length costs one "
@@ -121,7 +129,8 @@ def search_config() -> SearchConfig:
         max_windows_per_doc=int(state.get("search.max_windows")) or None,
         checkpoint=checkpoint, k_folds=int(state.get("search.k_folds")), strategy=state.get("search.strategy"),
         objective=state.get("search.objective"), nested=bool(state.get("search.nested")),
-        layer_groups=int(state.get("search.layer_groups")))
+        layer_groups=int(state.get("search.layer_groups")), grad_steps=int(state.get("search.grad_steps")),
+        grad_lr=float(state.get("search.grad_lr")))
 
 
 def _forwards(sizes_of, spec):

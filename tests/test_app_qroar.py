@@ -171,6 +171,34 @@ def test_kl_search_shows_its_control_as_fp_plus_scales_kl_to_fp(tiny_dir, tmp_pa
     assert gain.value == f"{100 * (held['quant_scaled'] / held['quant'] - 1):+.3f}%"
 
 
+def test_gradient_search_takes_its_steps_and_rate_from_the_page_and_draws_the_objective_against_steps(tiny_dir, tmp_path):
+    from conftest import TEXT
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for i in range(3):
+        (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
+    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
+    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
+                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    ok(at)
+    at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
+    at.number_input(key="w:search.max_windows").set_value(1).run()
+    at.radio(key="w:search.strategy").set_value("grad").run()
+    at.number_input(key="w:search.grad_steps").set_value(2).run()
+    at.number_input(key="w:search.grad_lr").set_value(0.1).run()
+    button(at, "Start search").click().run()
+    finish(at)
+    ok(at)
+    assert not at.error, [e.value for e in at.error]
+    job = record(at).jobs["search"]
+    cfg, r = job.meta["cfg"], job.result
+    assert (cfg.strategy, cfg.grad_steps, cfg.grad_lr) == ("grad", 2, pytest.approx(0.1))
+    assert r.history["step"].max() <= 2 and set(r.history["split"].dropna()) <= {"train", "val"}
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("step" in t.lower() for t in titles)  # the objective drawn against steps
+
+
 # ----------------------------------------------------------------------------- Export
 
 
