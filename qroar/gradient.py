@@ -69,32 +69,16 @@ class Target:
 
 
 def targets(model, bands: bands_mod.Bands) -> list[Target]:
-    """The rows each band owns in every layer's q and k (the same rows as rescale.Rescaler's, without copies)."""
+    """The rows each band owns in every layer's q and k (rescale.band_index: the Rescaler's rule, without copies)."""
     from qroar.models import attention_layers
+    from qroar.rescale import band_index
 
     out = []
     for i, layer in enumerate(attention_layers(model)):
         for proj in ("q", "k"):
-            lin = layer.q_lin if proj == "q" else layer.k_lin
-            off = layer.q_off if proj == "q" else layer.k_off
-            heads = layer.n_heads if proj == "q" else layer.n_kv_heads
-            norm = layer.q_norm if proj == "q" else layer.k_norm
-            idx, band = [], []
-            if norm is not None and getattr(norm, "weight", None) is not None:
-                n = norm.weight.numel()
-                per_head = n == layer.head_dim
-                for b, pairs in enumerate(bands.ranges()):
-                    r = (bands_mod.head_rows(pairs, layer.rotary_dim) if per_head
-                         else bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads))
-                    idx.append(r), band.append(torch.full_like(r, b))
-                module, width = norm, n
-            else:
-                for b, pairs in enumerate(bands.ranges()):
-                    r = bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads, offset=off)
-                    idx.append(r), band.append(torch.full_like(r, b))
-                module, width = lin, lin.out_features
-            dev = module.weight.device
-            out.append(Target(i, proj, module, torch.cat(idx).to(dev), torch.cat(band).to(dev), width))
+            module, kind, index, band = band_index(layer, proj, bands)
+            width = module.weight.numel() if kind == "norm" else module.out_features
+            out.append(Target(i, proj, module, index, band, width))
     return out
 
 

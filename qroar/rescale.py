@@ -193,7 +193,10 @@ class BandRows:
         return factors.to(device=self.band.device, dtype=torch.float32)[self.band].to(self.fp.device)
 
 
-def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str], pos: int) -> BandRows:
+def band_index(layer, proj: str, bands: bands_mod.Bands) -> tuple[nn.Module, str, torch.Tensor, torch.Tensor]:
+    """(module, kind, index, band) of the rows a layer's q or k projection gives the bands: the norm's dims
+    ("norm") when the model has a q/k norm with weights, else the Linear's output rows ("rows"); `band[i]` is
+    the band of index[i]. The one rule for the Rescaler's copies and the gradient search's hooks."""
     lin = layer.q_lin if proj == "q" else layer.k_lin
     off = layer.q_off if proj == "q" else layer.k_off
     heads = layer.n_heads if proj == "q" else layer.n_kv_heads
@@ -209,16 +212,24 @@ def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str], 
             r = (bands_mod.head_rows(pairs, layer.rotary_dim) if per_head
                  else bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads))
             idx.append(r), band.append(torch.full_like(r, b))
-        index = torch.cat(idx).to(norm.weight.device)
-        return BandRows(proj, pos, names[id(norm)], norm, "norm", index, torch.cat(band).to(index.device),
-                        norm.weight.detach()[index].clone(), offset=_norm_offset(norm))
-    for b, pairs in enumerate(bands.ranges()):
-        r = bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads, offset=off)
-        idx.append(r), band.append(torch.full_like(r, b))
-    index = torch.cat(idx).to(lin.weight.device)
-    bias = lin.bias.detach()[index].clone() if lin.bias is not None else None
-    return BandRows(proj, pos, names[id(lin)], lin, "rows", index, torch.cat(band).to(index.device),
-                    lin.weight.detach()[index].clone(), bias=bias)
+        module, kind = norm, "norm"
+    else:
+        for b, pairs in enumerate(bands.ranges()):
+            r = bands_mod.proj_rows(pairs, layer.head_dim, layer.rotary_dim, heads, offset=off)
+            idx.append(r), band.append(torch.full_like(r, b))
+        module, kind = lin, "rows"
+    index = torch.cat(idx).to(module.weight.device)
+    return module, kind, index, torch.cat(band).to(index.device)
+
+
+def _proj_rows(layer, proj: str, bands: bands_mod.Bands, names: dict[int, str], pos: int) -> BandRows:
+    module, kind, index, band = band_index(layer, proj, bands)
+    if kind == "norm":
+        return BandRows(proj, pos, names[id(module)], module, "norm", index, band,
+                        module.weight.detach()[index].clone(), offset=_norm_offset(module))
+    bias = module.bias.detach()[index].clone() if module.bias is not None else None
+    return BandRows(proj, pos, names[id(module)], module, "rows", index, band, module.weight.detach()[index].clone(),
+                    bias=bias)
 
 
 # ----------------------------------------------------------------------------- the rescaler
