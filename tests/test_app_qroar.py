@@ -103,18 +103,23 @@ def test_search_runs_and_shows_the_held_out_table_then_hands_its_scales_to_tune(
     assert [at.slider(key=f"w:qroar.g{b}").value for b in range(4)] == pytest.approx(r.scales, abs=1e-3)
 
 
-def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path):
-    """The two toggles reach the engine: candidates are first scored on one dev document, survivors on
-    all three (rungs 1, 3), every length from one forward at the longest."""
+def search_page(tiny_dir, tmp_path, n_dev: int = 3):
+    """The Search page of a loaded app, 4 bands, with n_dev small dev documents and one held-out document."""
     from conftest import TEXT
 
     dev = tmp_path / "dev"
     dev.mkdir()
-    for i in range(3):
+    for i in range(n_dev):
         (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
     (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
-    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
-                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    return go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
+                                      "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+
+
+def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path):
+    """The two toggles reach the engine: candidates are first scored on one dev document, survivors on
+    all three (rungs 1, 3), every length from one forward at the longest."""
+    at = search_page(tiny_dir, tmp_path, n_dev=3)
     ok(at)
     at.slider(key="w:search.n_candidates").set_value(5).run()
     at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
@@ -143,15 +148,7 @@ def test_search_page_races_over_documents_with_nested_windows(tiny_dir, tmp_path
 def test_kl_search_shows_its_control_as_fp_plus_scales_kl_to_fp(tiny_dir, tmp_path):
     """Under the KL objective FP's own KL is 0, so the control is FP + scales' KL to FP (beside PTQ's),
     not a perplexity ratio."""
-    from conftest import TEXT
-
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    for i in range(2):
-        (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
-    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
-    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
-                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    at = search_page(tiny_dir, tmp_path, n_dev=2)
     ok(at)
     at.slider(key="w:search.n_candidates").set_value(5).run()
     at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
@@ -172,15 +169,7 @@ def test_kl_search_shows_its_control_as_fp_plus_scales_kl_to_fp(tiny_dir, tmp_pa
 
 
 def test_gradient_search_takes_its_steps_and_rate_from_the_page_and_draws_the_objective_against_steps(tiny_dir, tmp_path):
-    from conftest import TEXT
-
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    for i in range(3):
-        (dev / f"d{i}.txt").write_text((TEXT[i:] + TEXT[:i]) * 12)
-    (tmp_path / "heldout.txt").write_text(TEXT[::-1] * 12)
-    at = go(loaded_app(tiny_dir, **{"bands.n_bands": 4, "qroar.auto_run": False, "search.dev": str(dev),
-                                    "search.heldout": str(tmp_path / "heldout.txt")}), "search")
+    at = search_page(tiny_dir, tmp_path, n_dev=3)
     ok(at)
     at.multiselect(key="w:search.lengths").set_value([64, 128]).run()
     at.number_input(key="w:search.max_windows").set_value(1).run()
