@@ -445,13 +445,26 @@ def problems(run, docs):
 
 
 def _run_optimise(run, fold, docs, bounds, tie_layers: bool) -> Outcome:
+    """The optimisation of one fold; a finished one is kept in the search's checkpoint, so a resumed search
+    (same settings, same file) reuses it instead of optimising again."""
+    key = f"{fold}:{'shared' if tie_layers else 'layer'}"
+    done = run.ck.descents.get(key)
+    if done is not None:
+        run.done += done["steps"] + done["checks"]
+        run.reused_keys.add(f"descent:{key}")
+        run._report(f"[{fold}] optimisation of {done['steps']} steps reused from the checkpoint")
+        return Outcome(torch.tensor(done["theta"], dtype=torch.float64), list(done["history"]), done["steps"], done["checks"])
+
     def tick(kind, msg):
         run.done += 1
         run._report(f"[{fold}] {msg}")
 
     train, val = problems(run, docs)
     with run.wb.variant(run.base):  # the unscaled weights; the hooks carry the scales
-        return optimise(train, val, bounds, run.cfg, tie_layers, tick, run._check)
+        out = optimise(train, val, bounds, run.cfg, tie_layers, tick, run._check)
+    run.ck.descents[key] = dict(theta=out.theta.double().tolist(), history=out.history, steps=out.steps, checks=out.checks)
+    run.ck.save()
+    return out
 
 
 def _descend(run, fold: str, docs, cands: list[list[float]], history: list, tie_layers: bool):

@@ -363,6 +363,7 @@ class Checkpoint:
         self.entries: dict[str, dict] = {}
         self.position: dict = {}
         self.best: dict[str, list[float]] = {}
+        self.descents: dict[str, dict] = {}  # finished gradient optimisations by fold (theta, history, steps, checks)
         self.from_file: set[str] = set()  # keys read from an earlier run's file
         if self.path is not None and self.path.exists():
             self._load()
@@ -385,6 +386,7 @@ class Checkpoint:
         self.from_file = set(self.entries)
         self.best = d.get("best_scales", {})
         self.position = d.get("position", {})
+        self.descents = d.get("descents", {})  # absent in files of earlier versions: nothing to reuse
 
     def get(self, fold: str, scales) -> dict | None:
         return self.entries.get(_key(fold, scales))
@@ -401,7 +403,8 @@ class Checkpoint:
 
         payload = {"kind": "qroar-search-checkpoint", "schema_version": CHECKPOINT_SCHEMA, "settings_hash": self.hash,
                    "settings": self.settings, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "position": self.position, "best_scales": self.best, "evaluations": list(self.entries.values())}
+                   "position": self.position, "best_scales": self.best, "descents": self.descents,
+                   "evaluations": list(self.entries.values())}
         atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
 
 
@@ -415,7 +418,7 @@ def _shared_checkpoint(path, settings_hash: str, settings: dict, parallel=None) 
     if parallel.is_main:
         try:
             ck = Checkpoint(path, settings_hash, settings)
-            state = (ck.entries, ck.from_file, ck.best, ck.position)
+            state = (ck.entries, ck.from_file, ck.best, ck.position, ck.descents)
         except ConfigError as e:
             err = str(e)
     err, state = parallel.broadcast((err, state))
@@ -424,7 +427,7 @@ def _shared_checkpoint(path, settings_hash: str, settings: dict, parallel=None) 
     if not parallel.is_main:
         ck = Checkpoint(None, settings_hash, settings, write=False)
         ck.path = Path(path) if path else None  # named in messages; never written here
-        ck.entries, ck.from_file, ck.best, ck.position = state
+        ck.entries, ck.from_file, ck.best, ck.position, ck.descents = state
     return ck
 
 

@@ -123,8 +123,9 @@ def plans(a) -> list[Job]:
                                 dict(pi=pi, factor=factor, quant=qn, lengths=lengths)))
     if "methods" in a.plan:  # search methods compared on the same settings: grid, racing, per-layer, gradient
         settings = [("yarn-x8-rtn3-g64", 8.0, "rtn3-g64"), ("yarn-x4-rtn4-ch", 4.0, "rtn4-ch")]
-        extra = {"grid": [], "race": [], "layer": ["--layer-groups", "2" if quick else "4"],
-                 "grad": ["--steps", "4" if quick else "30"]}
+        steps_ = ["--steps", "4" if quick else "30"]
+        extra = {"grid": [], "race": [], "layer": ["--layer-groups", "2" if quick else "4"], "grad": steps_, "grad-layer": steps_}
+        cost = {"grid": 6, "layer": 9, "grad": 5, "grad-layer": 6, "race": 3}
         for tag, factor, qn in settings:
             lengths = [256, 1024] if quick else [2048, 8192, 32768]
             b = [*dev, "--pi", "yarn", "--factor", factor, *QUANTS[qn], "--bands", "8", "--mode", "shared", "--order", "before"]
@@ -132,11 +133,15 @@ def plans(a) -> list[Job]:
                 b += ["--calib-samples", "2", "--calib-len", "256"]
             ev = ["--corpus", "embedded:heldout", "--lengths", _csv(lengths), "--max-windows", "1" if quick else "2", "--quiet"]
             for strat in a.strategies.split(","):
-                nested = [] if strat == "grad" else ["--nested"]
+                if strat not in extra:
+                    raise SystemExit(f"--strategies: {strat!r} is not one of {', '.join(extra)}")
+                nested = [] if strat.startswith("grad") else ["--nested"]
+                # a checkpoint per job: a job stopped by a call's time limit resumes where it was when run again
                 steps = [("search", _q("search", *b, "--lengths", _csv(lengths), "--strategy", strat, *nested, *extra[strat],
-                                       "--max-windows", "1", "--quiet", "--report", "{dir}/search", "--out", "{dir}/scales.json")),
+                                       "--max-windows", "1", "--folds", a.method_folds, "--checkpoint", "{dir}/search.ckpt.json",
+                                       "--quiet", "--report", "{dir}/search", "--out", "{dir}/scales.json")),
                          ("eval", _q("eval", *b, "--scales", "{scales}", *ev, "--out", "{dir}/eval-scaled"))]
-                jobs.append(Job(f"methods-{tag}-{strat}", "methods", {"grid": 6, "layer": 9, "grad": 5, "race": 3}[strat] * factor,
+                jobs.append(Job(f"methods-{tag}-{strat}", "methods", cost[strat] * factor * (1 + int(a.method_folds)),
                                 steps, dict(pi="yarn", factor=factor, quant=qn, strategy=strat, lengths=lengths)))
     if "precision" in a.plan:  # the same numbers in fp32, TF32 and bf16: which precision agrees with fp32
         lengths = [256, 1024] if quick else [8192, 32768]
@@ -183,6 +188,7 @@ def run_job(job: Job, work: Path, gpu: str | None) -> dict:
         t = time.time()
         with open(d / f"{step}.log", "w") as log:
             cmd = _fill(cmd, d)
+            shown = " ".join(["qroar", *cmd[3:]]).replace(str(d), f"WORK/{job.name}")  # without this machine's folders
             log.write("$ " + " ".join(cmd[1:]) + "\n")
             log.flush()
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -190,7 +196,7 @@ def run_job(job: Job, work: Path, gpu: str | None) -> dict:
         if rc != 0:
             print(f"  {job.name}: {step} failed (rc {rc}), see {d / (step + '.log')}", flush=True)
             return {"job": job.name, "ok": False, "step": step, "times": times}
-        done.write_text(json.dumps({"seconds": times[step], "command": " ".join(["qroar", *cmd[3:]])}))
+        done.write_text(json.dumps({"seconds": times[step], "command": shown}))
     print(f"  {job.name}: done {times}", flush=True)
     return {"job": job.name, "ok": True, "times": times}
 
@@ -524,7 +530,7 @@ def collect_methods(work: Path, model: str) -> tuple[dict, str]:
     md = ["## Search methods compared (held-out documents; PTQ + scales vs PTQ per length from `qroar eval`, 2 windows per "
           "document; the held-out objective and the FP + scales control from the search's own held-out table)", "",
           "| setting | strategy | held-out objective vs PTQ | control FP + scales vs FP | PTQ + scales vs PTQ by length | "
-          "evaluations | search s | scales |", "|---|---|---|---|---|---|---|---|"]
+          "k-fold spread (max std of a scale) | evaluations | search s | scales |", "|---|---|---|---|---|---|---|---|---|"]
     for job in sorted(work.glob("methods-*")):
         meta, rep, ev = _load(job / "meta.json"), _load(job / "search.json"), _load(job / "eval-scaled.json")
         if rep is None or ev is None:
@@ -537,12 +543,16 @@ def collect_methods(work: Path, model: str) -> tuple[dict, str]:
         row = dict(meta=meta, gain_pct=100 * _gain(rep), control_pct=100 * ctrl, by_length={L: 100 * (qs[L] / q[L] - 1) for L in q},
                    evaluations=rep.get("evaluations"), doc_evaluations=rep.get("doc_evaluations"), seconds=rep.get("seconds"),
                    scales=sc, commands=[_cmd(job, "search"), _cmd(job, "eval")])
+        folds = rep.get("folds")
+        row["fold_max_std"] = max((f.get("std") or 0) for f in folds) if folds else None
+        row["folds"] = len([k for k in folds[0] if k.startswith("fold")]) if folds else 0
         data["runs"].append(row)
+        spread = f"{row['fold_max_std']:.3f} ({row['folds']} folds)" if folds else "-"
         shown = (f"{len(sc)} layers x {len(sc[0])} bands, range {min(min(r) for r in sc):.3g}-{max(max(r) for r in sc):.3g}"
                  if per_layer else ", ".join(f"{g:.3g}" for g in sc))
         md.append(f"| YaRN x{meta['factor']:g}, {QUANT_LABEL[meta['quant']]} | {meta['strategy']} | {row['gain_pct']:+.2f}% | "
                   f"{row['control_pct']:+.2f}% | " + " / ".join(f"{v:+.2f}%" for _, v in sorted(row["by_length"].items()))
-                  + f" | {row['evaluations']} | {row['seconds']:.0f} | {shown} |")
+                  + f" | {spread} | {row['evaluations']} | {row['seconds']:.0f} | {shown} |")
     return data, "\n".join(md)
 
 
@@ -557,6 +567,7 @@ def collect(a) -> None:
         data, md = fn(work, model)
         run = _load(work / "run.json") or {}
         argv = run.get("argv") or a.ran.split()
+        argv = ["WORK" if i and argv[i - 1] == "--work" else x for i, x in enumerate(argv)]
         head = (f"<!-- python scripts/long_tables.py {' '.join(argv) or 'run ...'} (all jobs: {run.get('seconds', '?')} s"
                 f"{', ' + a.where if a.where else ''}); python scripts/long_tables.py collect --work WORK -->\n"
                 "Every job's exact `qroar` commands are in the JSON beside this file.\n\n")
@@ -580,6 +591,7 @@ def main() -> None:
     r.add_argument("--quick", action="store_true")
     r.add_argument("--only", default="", help="comma-separated parts of job names to keep")
     r.add_argument("--strategies", default="grid,race,layer,grad", help="methods: the search strategies compared")
+    r.add_argument("--method-folds", default="0", help="methods: k-fold stability of each method's scales (0 = off)")
     r.add_argument("--fold-quants", default="rtn4-ch,rtn3-g64", help="regime: quantizers whose search also runs 3 folds")
     p = sub.add_parser("probe")
     p.add_argument("--device", default="cuda")

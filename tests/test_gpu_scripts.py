@@ -69,7 +69,8 @@ def _plans(**kw):
     import long_tables
 
     a = SimpleNamespace(plan="fidelity,regime,precision,methods,probe", model="smollm2-135m", device="cuda", dtype="bf16",
-                        quick=False, only="", fold_quants="rtn4-ch,rtn3-g64", strategies="grid,race,layer,grad")
+                        quick=False, only="", fold_quants="rtn4-ch,rtn3-g64", strategies="grid,race,layer,grad,grad-layer",
+                        method_folds="3")
     a.__dict__.update(kw)
     return long_tables, long_tables.plans(a)
 
@@ -82,7 +83,7 @@ def test_every_planned_qroar_command_parses_with_the_real_cli(quick, tmp_path):
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
     assert {"fidelity-x4-rtn3-g64", "regime-yarn-x8", "qroar-yarn-x8-rtn4-ch", "precision-tf32",
-            "methods-yarn-x8-rtn3-g64-grad", "methods-yarn-x4-rtn4-ch-layer"} <= set(names)
+            "methods-yarn-x8-rtn3-g64-grad", "methods-yarn-x4-rtn4-ch-layer", "methods-yarn-x8-rtn3-g64-grad-layer"} <= set(names)
     d = tmp_path / "job"
     d.mkdir()
     for key in ("scales", "scales-ppl", "scales-kld"):
@@ -105,6 +106,13 @@ def test_every_planned_qroar_command_parses_with_the_real_cli(quick, tmp_path):
             if job.name.startswith("qroar-") and step == "search" and not quick:
                 folds = cmd[cmd.index("--folds") + 1]
                 assert folds == ("3" if job.meta["quant"] in ("rtn4-ch", "rtn3-g64") else "0")
+            if job.name.startswith("methods-") and step == "search":  # every method: its folds, and a checkpoint to resume
+                assert cmd[cmd.index("--folds") + 1] == "3" and cmd[cmd.index("--checkpoint") + 1] == "{dir}/search.ckpt.json"
+
+
+def test_an_unknown_method_is_refused_by_name():
+    with pytest.raises(SystemExit, match="'bogus' is not one of"):
+        _plans(plan="methods", strategies="grid,bogus")
 
 
 def test_python_dash_m_qroar_is_the_cli():

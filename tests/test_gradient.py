@@ -327,3 +327,35 @@ def test_qroar_search_strategy_grad_command(tmp_path):
     bad = subprocess.run([*cmd, "search", "--model", "qroar-tiny", "--strategy", "grad", "--lr", "0"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "grad_lr" in bad.stderr
+
+
+@pytest.mark.parametrize("strategy", ["grad", "grad-layer"])
+def test_grad_search_resumes_finished_optimisations_from_its_checkpoint(wb32, tmp_path, monkeypatch, strategy):
+    """A finished optimisation (the main one and each fold's) is kept in the checkpoint: the same search
+    run again with the file optimises nothing and gives the same scales, history and folds."""
+    wb, corpus = wb32
+    ck = tmp_path / "grad.ckpt.json"
+    cfg = grad_cfg(corpus, strategy=strategy, grad_lr=0.3, k_folds=2, checkpoint=str(ck))
+    a = search(wb, cfg, WINDOWS)
+    saved = json.loads(ck.read_text())
+    tag = "shared" if strategy == "grad" else "layer"
+    assert set(saved["descents"]) == {f"all:{tag}", f"fold0:{tag}", f"fold1:{tag}"}
+    wb.set_scales(None)
+
+    def refuse(*a, **k):
+        raise AssertionError("optimised again although the checkpoint holds the result")
+
+    monkeypatch.setattr(gradient, "optimise", refuse)
+    b = search(wb, cfg, WINDOWS)
+    assert b.scales == a.scales and b.evaluations == 0
+    assert b.history["objective"].tolist() == a.history["objective"].tolist()
+    assert b.folds.equals(a.folds)
+
+
+def test_grad_checkpoint_of_other_settings_is_refused(wb32, tmp_path):
+    wb, corpus = wb32
+    ck = tmp_path / "grad.ckpt.json"
+    search(wb, grad_cfg(corpus, checkpoint=str(ck)), WINDOWS)
+    wb.set_scales(None)
+    with pytest.raises(ConfigError, match="other settings"):
+        search(wb, grad_cfg(corpus, checkpoint=str(ck), grad_lr=0.2), WINDOWS)
