@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -122,7 +123,13 @@ def plans(a) -> list[Job]:
                 jobs.append(Job(f"qroar-{tag}-{qn}", "regime", 4 * factor, steps,
                                 dict(pi=pi, factor=factor, quant=qn, lengths=lengths)))
     if "methods" in a.plan:  # search methods compared on the same settings: grid, racing, per-layer, gradient
-        settings = [("yarn-x8-rtn3-g64", 8.0, "rtn3-g64"), ("yarn-x4-rtn4-ch", 4.0, "rtn4-ch")]
+        settings = []
+        for tag in a.method_settings.split(","):  # yarn-x<factor>-<quantizer>
+            m = re.fullmatch(r"yarn-x(\d+)-(.+)", tag)
+            if not m or m.group(2) not in QUANTS:
+                raise SystemExit(f"--method-settings: {tag!r} is not yarn-x<factor>-<quantizer> with a quantizer of "
+                                 f"{', '.join(QUANTS)}")
+            settings.append((tag, float(m.group(1)), m.group(2)))
         steps_ = ["--steps", "4" if quick else "30"]
         extra = {"grid": [], "race": [], "layer": ["--layer-groups", "2" if quick else "4"], "grad": steps_, "grad-layer": steps_}
         cost = {"grid": 6, "layer": 9, "grad": 5, "grad-layer": 6, "race": 3}
@@ -548,11 +555,14 @@ def collect_methods(work: Path, model: str) -> tuple[dict, str]:
         row["folds"] = len([k for k in folds[0] if k.startswith("fold")]) if folds else 0
         data["runs"].append(row)
         spread = f"{row['fold_max_std']:.3f} ({row['folds']} folds)" if folds else "-"
+        # a search resumed from its checkpoint counts only the resumed run's evaluations and seconds
+        row["reused"] = rep.get("reused") or 0
+        resumed = f" (resumed: {row['reused']} reused)" if row["reused"] else ""
         shown = (f"{len(sc)} layers x {len(sc[0])} bands, range {min(min(r) for r in sc):.3g}-{max(max(r) for r in sc):.3g}"
                  if per_layer else ", ".join(f"{g:.3g}" for g in sc))
         md.append(f"| YaRN x{meta['factor']:g}, {QUANT_LABEL[meta['quant']]} | {meta['strategy']} | {row['gain_pct']:+.2f}% | "
                   f"{row['control_pct']:+.2f}% | " + " / ".join(f"{v:+.2f}%" for _, v in sorted(row["by_length"].items()))
-                  + f" | {spread} | {row['evaluations']} | {row['seconds']:.0f} | {shown} |")
+                  + f" | {spread} | {row['evaluations']} | {row['seconds']:.0f}{resumed} | {shown} |")
     return data, "\n".join(md)
 
 
@@ -591,6 +601,8 @@ def main() -> None:
     r.add_argument("--quick", action="store_true")
     r.add_argument("--only", default="", help="comma-separated parts of job names to keep")
     r.add_argument("--strategies", default="grid,race,layer,grad", help="methods: the search strategies compared")
+    r.add_argument("--method-settings", default="yarn-x8-rtn3-g64,yarn-x4-rtn4-ch",
+                   help="methods: the settings compared, each yarn-x<factor>-<quantizer>")
     r.add_argument("--method-folds", default="0", help="methods: k-fold stability of each method's scales (0 = off)")
     r.add_argument("--fold-quants", default="rtn4-ch,rtn3-g64", help="regime: quantizers whose search also runs 3 folds")
     p = sub.add_parser("probe")

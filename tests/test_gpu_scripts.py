@@ -70,7 +70,7 @@ def _plans(**kw):
 
     a = SimpleNamespace(plan="fidelity,regime,precision,methods,probe", model="smollm2-135m", device="cuda", dtype="bf16",
                         quick=False, only="", fold_quants="rtn4-ch,rtn3-g64", strategies="grid,race,layer,grad,grad-layer",
-                        method_folds="3")
+                        method_folds="3", method_settings="yarn-x8-rtn3-g64,yarn-x4-rtn4-ch")
     a.__dict__.update(kw)
     return long_tables, long_tables.plans(a)
 
@@ -135,3 +135,12 @@ def test_random_smollm2_shape_matches_the_real_models_geometry():
     s = RANDOM_SHAPES["smollm2-135m"]
     assert (s["hidden_size"] // s["num_attention_heads"], s["num_hidden_layers"], s["num_key_value_heads"],
             s["max_position_embeddings"], s["rope_theta"]) == (64, 30, 3, 8192, 100000.0)
+
+
+def test_method_settings_are_chosen_by_tag_and_a_bad_tag_is_refused():
+    _, jobs = _plans(plan="methods", strategies="grad-layer", method_settings="yarn-x8-awq4-g64,yarn-x4-rtn4-g64")
+    assert sorted(j.name for j in jobs) == ["methods-yarn-x4-rtn4-g64-grad-layer", "methods-yarn-x8-awq4-g64-grad-layer"]
+    assert {(j.meta["factor"], j.meta["quant"]) for j in jobs} == {(8.0, "awq4-g64"), (4.0, "rtn4-g64")}
+    for bad in ("yarn-x8-rtn5", "linear-x4-rtn4-ch"):
+        with pytest.raises(SystemExit, match="is not yarn-x<factor>-<quantizer>"):
+            _plans(plan="methods", method_settings=bad)
