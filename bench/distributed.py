@@ -180,11 +180,25 @@ def table_worker(a) -> None:
     res = distributed.search(wb, cfg, ranks, windows)
     sync()
     search_s = time.perf_counter() - t
+    grad = None
+    if a.grad_steps:  # the gradient search on the same documents: each step's grad_batch windows split over the GPUs
+        from dataclasses import replace as _replace
+
+        wb.set_scales(None)
+        gcfg = _replace(cfg, strategy="grad", nested=False, grad_steps=a.grad_steps, grad_batch=a.grad_batch,
+                        grad_every=a.grad_steps, grad_val=0.1)
+        sync()
+        t = time.perf_counter()
+        g = distributed.search(wb, gcfg, ranks, windows)
+        sync()
+        grad = {"search_s": time.perf_counter() - t, "scales": g.scales, "steps": a.grad_steps, "grad_batch": a.grad_batch,
+                "heldout_quant_scaled": g.objective["heldout"].get("quant_scaled")}
     peaks = ranks.gather(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
     if ranks.is_main:
         Path(a.json).write_text(json.dumps({
             "gpus": ranks.world_size, "load_s": load_s, "perplexity_s": ppl_s, "tokens": int(table["tokens"].sum()),
             "nll": table["nll"].tolist(), "lengths": list(lengths), "search_s": search_s, "bands_searched": bands,
+            "grad": grad,
             "scales": res.scales, "doc_evaluations": res.doc_evaluations, "budget": res.budget, "estimate": est,
             "search_lengths": list(cfg.lengths), "dev_docs": a.search_docs, "peak_gib_per_gpu": peaks,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
@@ -260,6 +274,11 @@ def two_gpu_table(a) -> dict:
            "search": {"one_s": one["search_s"], "two_s": two["search_s"], "speedup": one["search_s"] / two["search_s"],
                       "same_scales": one["scales"] == two["scales"], "bands_searched": one["bands_searched"],
                       "doc_evaluations": [one["doc_evaluations"], two["doc_evaluations"]]}}
+    if one.get("grad"):
+        g1, g2 = one["grad"], two["grad"]
+        res["grad"] = {"one_s": g1["search_s"], "two_s": g2["search_s"], "speedup": g1["search_s"] / g2["search_s"],
+                       "steps": g1["steps"], "grad_batch": g1["grad_batch"],
+                       "scales_max_abs_diff": max(abs(x - y) for x, y in zip(g1["scales"], g2["scales"]))}
     if torch.cuda.device_count() >= 2:
         res["split"] = split_run(a)
     else:
@@ -271,6 +290,10 @@ def two_gpu_table(a) -> dict:
     print(f"| racing search, {s['bands_searched']} bands x 7 candidates, {one['dev_docs']} dev docs at "
           f"{'/'.join(map(str, one['search_lengths']))} | {s['one_s']:.1f} s | {s['two_s']:.1f} s | {s['speedup']:.2f}x | "
           f"same scales: {s['same_scales']} |")
+    if "grad" in res:
+        g = res["grad"]
+        print(f"| gradient search, {g['steps']} steps of {g['grad_batch']} windows, same documents, tables included | "
+              f"{g['one_s']:.1f} s | {g['two_s']:.1f} s | {g['speedup']:.2f}x | scales max abs. diff {g['scales_max_abs_diff']:.1e} |")
     sp = res["split"]
     if "skipped" not in sp:
         a1, a2 = sp["one GPU"], sp["two GPUs, split by layers"]
@@ -400,6 +423,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=540, help="table: seconds for the whole command; fewer bands are "
                    "searched if the 1-GPU estimate says it would not fit (0: no limit)")
     p.add_argument("--reserve-s", type=float, default=120, help="table: seconds kept for loads, perplexity and the split")
+    p.add_argument("--grad-steps", type=int, default=0, help="table: also a gradient search of this many steps (0: none)")
+    p.add_argument("--grad-batch", type=int, default=2, help="table: windows per gradient step (split over the GPUs)")
     p.add_argument("--quick", action="store_true", help="table: random:llama-tiny, short lengths, CPU-sized (checks the script)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "distributed_bench.json"))
     a = p.parse_args()

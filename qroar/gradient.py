@@ -254,11 +254,12 @@ class Problem:
     (the caller puts the unscaled variant in place). `value(theta)` and `grad(theta)` are what the
     finite-difference test checks; the search uses `step_loss` window by window."""
 
-    def __init__(self, setup: Setup, bands, mode: str, windows: list[Window]):
+    def __init__(self, setup: Setup, bands, mode: str, windows: list[Window], ranks=None):
         if not windows:
             raise DataError("No dev document is long enough for one window at the shortest length: "
                             "choose shorter lengths or longer documents.")
         self.s, self.bands, self.mode, self.windows = setup, bands, mode, windows
+        self.ranks = ranks  # qroar.distributed.Ranks: windows split over processes, results gathered (or None)
         self.short = min(c for w in windows for c in w.cuts)
         self._ref: dict[tuple, torch.Tensor] = {}
         if setup.objective == "kld":
@@ -274,15 +275,41 @@ class Problem:
         nll, kld = window_sums(self.model, w, self.s.chunk, self._ref.get(w.key), upto)
         return nll, (kld if self.s.objective == "kld" else nll)
 
+    def _mine(self, windows: list[Window]) -> list[int]:
+        """Indices of the windows this process computes: all of them alone, else a share balanced by length."""
+        r = self.ranks
+        if r is None or r.world_size == 1:
+            return list(range(len(windows)))
+        from qroar.distributed import split_by_cost
+
+        return split_by_cost([max(w.cuts) for w in windows], r.world_size)[r.rank]
+
+    def _gathered(self, n: int, mine: list[tuple[int, object]]) -> list:
+        """Every process's (index, result) pairs as one list in index order (one process: its own)."""
+        if self.ranks is None or self.ranks.world_size == 1:
+            parts = [mine]
+        else:
+            parts = self.ranks.gather(mine)
+        out = [None] * n
+        for part in parts:
+            for i, x in part:
+                out[i] = x
+        return out
+
     def aggregate(self, windows, theta) -> tuple[torch.Tensor, dict[int, float], dict[int, float]]:
-        """(objective, log-ppl per length, measure per length) of `windows` under theta, without gradients."""
-        acc: dict[int, list] = {}
+        """(objective, log-ppl per length, measure per length) of `windows` under theta, without gradients.
+        Several processes: each computes its share of the windows; the sums are taken in window order on
+        every process, so the result is the one process's, bit for bit."""
+        mine = []
         with torch.no_grad(), ScaleHooks(self.model, self.bands, self.mode, theta):
-            for w in windows:
-                nll, m = self._sums(w)
-                for L in nll:
-                    a = acc.setdefault(L, [0.0, 0.0, 0])
-                    a[0], a[1], a[2] = a[0] + float(nll[L]), a[1] + float(m[L]), a[2] + L - 1
+            for i in self._mine(windows):
+                nll, m = self._sums(windows[i])
+                mine.append((i, {L: (float(nll[L]), float(m[L])) for L in nll}))
+        acc: dict[int, list] = {}
+        for sums in self._gathered(len(windows), mine):
+            for L, (n, x) in sums.items():
+                a = acc.setdefault(L, [0.0, 0.0, 0])
+                a[0], a[1], a[2] = a[0] + n, a[1] + x, a[2] + L - 1
         logp = {L: a[0] / a[2] for L, a in sorted(acc.items())}
         meas = {L: a[1] / a[2] for L, a in sorted(acc.items())}
         lw = length_weights(meas, self.s.weights)
@@ -306,17 +333,25 @@ class Problem:
                 tokens[L] = tokens.get(L, 0) + L - 1
         lw = length_weights(tokens, self.s.weights)
         limit = math.log1p(self.s.guard_tol)
-        total = 0.0
-        for w in batch:
+        mine = []
+        for i in self._mine(batch):
+            w = batch[i]
             base = self.base_short(w) if guard else None
             with ScaleHooks(self.model, self.bands, self.mode, theta), checkpointed_layers(self.model):
                 nll, m = self._sums(w)
                 loss = sum(lw[L] * m[L] / tokens[L] for L in m)
-                total += float(loss.detach())
+                value = float(loss.detach())
                 if guard:
                     over = nll[self.short] / (self.short - 1) - base - limit
                     loss = loss + GUARD_WEIGHT * torch.relu(over) / len(batch)
-                loss.backward()
+                (g,) = torch.autograd.grad(loss, theta)
+            mine.append((i, (value, g.detach())))
+        # every window's value and gradient, summed in window order on every process (the same on each)
+        total, grad = 0.0, None
+        for value, g in self._gathered(len(batch), mine):
+            total += value
+            grad = g.clone() if grad is None else grad + g
+        theta.grad = grad if theta.grad is None else theta.grad + grad
         return total
 
     def value(self, theta) -> float:
@@ -427,6 +462,24 @@ def _split(docs, val_share: float):
     return docs.subset([d for d in ids if d not in val]), docs.subset(val)
 
 
+def _ranks(run):
+    p = run.parallel
+    return p if p is not None and p.world_size > 1 else None
+
+
+def _evaluate(run, fold: str, docs, scales, limit, what: str) -> dict:
+    """run.evaluate; with several processes, from per-document results spread over them (racing's path)
+    and counted as one evaluation, the guard applied to the short length."""
+    if _ranks(run) is None:
+        return run.evaluate(fold, docs, scales, limit, what)
+    done = run.done
+    e = run.entry(docs, scales, what)
+    run.done = done + 1
+    if limit is not None and e["short_log_ppl"] > limit:
+        e = {**e, "guard_ok": False, "objective": None}
+    return e
+
+
 def problems(run, docs):
     """(train, val) Problems of a search run on docs."""
     from qroar.perplexity import auto_loss_chunk, input_device
@@ -440,8 +493,8 @@ def problems(run, docs):
     setup = Setup(wb, run.measure, cfg.weights(), cfg.guard_tol, chunk, run.reference)
     train, val = _split(docs, cfg.grad_val)
     mk = lambda c: make_windows(wb.model, wb.tokenizer, c, cfg.lengths, cfg.max_windows_per_doc)  # noqa: E731
-    return (Problem(setup, wb.bands, wb.scale_cfg.mode, mk(train)),
-            Problem(setup, wb.bands, wb.scale_cfg.mode, mk(val)))
+    return (Problem(setup, wb.bands, wb.scale_cfg.mode, mk(train), _ranks(run)),
+            Problem(setup, wb.bands, wb.scale_cfg.mode, mk(val), _ranks(run)))
 
 
 def _run_optimise(run, fold, docs, bounds, tie_layers: bool) -> Outcome:
@@ -470,7 +523,7 @@ def _run_optimise(run, fold, docs, bounds, tie_layers: bool) -> Outcome:
 def _descend(run, fold: str, docs, cands: list[list[float]], history: list, tie_layers: bool):
     bounds = [(min(c), max(c)) for c in cands]
     ones = [1.0] * len(cands)
-    base = run.evaluate(fold, docs, ones, None, f"[{fold}] unscaled quantized baseline")
+    base = _evaluate(run, fold, docs, ones, None, f"[{fold}] unscaled quantized baseline")
     out = _run_optimise(run, fold, docs, bounds, tie_layers=tie_layers)
     history += [dict(fold=fold, sweep=0, band=None, g=None, **h) for h in out.history]
     limit = base["short_log_ppl"] + math.log1p(run.cfg.guard_tol)
@@ -480,7 +533,7 @@ def _descend(run, fold: str, docs, cands: list[list[float]], history: list, tie_
             break
         g = torch.exp(shrink * theta)
         scales = [float(x) for x in g[0]] if tie_layers else [[float(x) for x in row] for row in g]
-        e = run.evaluate(fold, docs, scales, limit, f"[{fold}] {what} on every dev document")
+        e = _evaluate(run, fold, docs, scales, limit, f"[{fold}] {what} on every dev document")
         if e["guard_ok"] and e["objective"] is not None and e["objective"] < base["objective"]:
             return scales, e, base
     return ones, base, base

@@ -968,9 +968,9 @@ STRATEGIES: dict[str, Strategy] = {
                      label="coordinate descent, candidates raced over dev documents (successive halving)"),
     "layer": Strategy(descend_layer, _layer_budget, per_document=False, exact=False,
                       label="per-layer scales: the shared descent, then each layer group's bands refined around it"),
-    "grad": Strategy(gradient.descend_grad, gradient.budget, per_document=False, spreads=False, work="steps + evaluations",
+    "grad": Strategy(gradient.descend_grad, gradient.budget, per_document=False, work="steps + evaluations",
                      passes=gradient.dev_passes, label="gradient refinement of one log-scale per band (Adam, early stopping)"),
-    "grad-layer": Strategy(gradient.descend_grad_layer, gradient.budget, per_document=False, spreads=False,
+    "grad-layer": Strategy(gradient.descend_grad_layer, gradient.budget, per_document=False,
                            work="steps + evaluations", passes=gradient.dev_passes,
                            label="gradient refinement of one log-scale per layer and band (per-layer scales)"),
 }

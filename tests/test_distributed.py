@@ -195,3 +195,44 @@ def test_racing_spread_over_two_processes_equals_one_process(tmp_path):
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["scales"] == one["scales"] and resumed["doc_evaluations"] == len(dropped)
     assert _doc_entries(tmp_path / "half.ckpt.json") == docs1
+
+
+# ----------------------------------------------------------------------------- gradient and per-layer searches spread
+
+GRAD = [*RACE[:RACE.index("--candidates")], "--batch-size", "1", "--windows", "0.7:1.3,0.8:1.25,0.85:1.2,0.9:1.1", "--quiet"]
+
+
+@pytest.mark.parametrize("strategy,extra", [("grad", ["--steps", "4", "--grad-batch", "3", "--grad-every", "2", "--lr", "0.2"]),
+                                            ("grad-layer", ["--steps", "3", "--grad-batch", "2", "--grad-every", "3", "--lr", "0.2"]),
+                                            ("layer", ["--layer-groups", "2", "--candidates", "5"])])
+def test_gradient_and_per_layer_searches_spread_over_two_processes_equal_one_process(tmp_path, strategy, extra):
+    """torchrun --nproc-per-node 2 (gloo): the gradient searches split each step's windows, each validation
+    check's windows and each evaluation's documents over the processes, and the per-layer descent its
+    candidates; the scales, the optimisation history (training and validation objectives at every step),
+    the dev and held-out tables are those of one process, and a 2-process run resumes from the checkpoint."""
+    vocab = TEXT.split()
+    corpus = {}
+    for split, words in (("dev", [200, 90, 260, 150, 120, 210]), ("held", [200, 120])):
+        (tmp_path / split).mkdir()
+        for i, n in enumerate(words):
+            rng = random.Random(f"grad{split}{i}")
+            (tmp_path / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
+        corpus[split] = str(tmp_path / split)
+    model = save_tiny(tmp_path / "model")
+    base = ["search", "--model", model, "--dev-corpus", corpus["dev"], "--heldout-corpus", corpus["held"], *GRAD,
+            "--strategy", strategy, *extra]
+    run = lambda name, procs: _qroar([*base, "--checkpoint", str(tmp_path / f"{name}.ckpt.json"),  # noqa: E731
+                                      "--report", str(tmp_path / name)], procs)
+    run("one", 1)
+    out2 = run("two", 2)
+    assert "spread over 2 processes" in out2 or strategy == "layer"
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["scales"] == one["scales"] and two["history"] == one["history"]
+    assert two["heldout"] == one["heldout"] and two["dev"] == one["dev"] and two["objective"] == one["objective"]
+    if strategy.startswith("grad"):
+        steps = [h for h in one["history"] if h["split"] == "train"]
+        assert len(steps) >= 2  # it ran steps
+    # resumed with 2 processes from its own finished checkpoint: nothing computed again, the same result
+    again = _qroar([*base, "--checkpoint", str(tmp_path / "two.ckpt.json"), "--report", str(tmp_path / "again")], 2)
+    rep = json.loads((tmp_path / "again.json").read_text())
+    assert rep["scales"] == one["scales"] and rep["evaluations"] == 0, again[-500:]

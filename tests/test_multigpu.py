@@ -4,8 +4,8 @@
                             layer 1 on cuda:1): perplexity, diagnostics, racing search, fidelity and an hf
                             export equal the same model on cuda:0 alone (fp32; tolerances in CHECKS below).
   work over both GPUs       the installed command under `torchrun --nproc-per-node 2` (NCCL) and
-                            `accelerate launch --num_processes 2`: eval with documents spread and the racing
-                            and grid searches spread equal one process on one GPU.
+                            `accelerate launch --num_processes 2`: eval with documents spread and the racing,
+                            grid and gradient searches spread equal one process on one GPU.
 
 The model is random:llama-tiny saved as a folder (2 layers, 256 tokens trained context), so the module runs
 in a minute or two. Run it on a 2-GPU host with either
@@ -255,8 +255,34 @@ def check_grid_search_spread_torchrun(root: Path) -> None:
     _check_search_spread(root, "grid")
 
 
+def _check_grad_spread(root: Path, strategy: str) -> None:
+    """The gradient searches under torchrun: each step's windows split over the 2 GPUs. GPU backward passes are
+    not bit-reproducible, so the scales agree to 1e-3 and the held-out log-perplexity to 1e-4, not bit for bit."""
+    args = ["search", "--model", _model(root), *CLI, "--dev-corpus", "embedded:dev", "--heldout-corpus", "embedded:heldout",
+            *SEARCH, "--strategy", strategy, "--steps", "4", "--grad-batch", "2", "--grad-every", "2", "--lr", "0.1"]
+    _qroar([*args, "--report", str(root / f"search-one-{strategy}")])
+    out = _qroar([*args, "--report", str(root / f"search-two-{strategy}"), "--checkpoint", str(root / f"{strategy}.ckpt.json")],
+                 "torchrun")
+    assert "spread over 2 processes" in out
+    one, two = (json.loads((root / f"search-{n}-{strategy}.json").read_text()) for n in ("one", "two"))
+    flat = lambda s: [g for r in s for g in (r if isinstance(r, list) else [r])]  # noqa: E731
+    for a, b in zip(flat(one["scales"]), flat(two["scales"])):
+        assert abs(a - b) <= 1e-3 * abs(a), f"{strategy}: {two['scales']} on 2 GPUs vs {one['scales']} on one"
+    for a, b in zip(one["heldout"], two["heldout"]):
+        assert abs(a["log_ppl"] - b["log_ppl"]) <= 1e-4 * abs(a["log_ppl"]), f"{strategy} held-out: {a} vs {b}"
+
+
+def check_grad_search_spread_torchrun(root: Path) -> None:
+    _check_grad_spread(root, "grad")
+
+
+def check_grad_layer_search_spread_torchrun(root: Path) -> None:
+    _check_grad_spread(root, "grad-layer")
+
+
 CHECKS = [check_dict_map_over_two_gpus, check_balanced_map_over_two_gpus, check_auto_map, check_eval_spread_torchrun,
-          check_eval_spread_accelerate, check_race_search_spread_torchrun, check_grid_search_spread_torchrun]
+          check_eval_spread_accelerate, check_race_search_spread_torchrun, check_grid_search_spread_torchrun,
+          check_grad_search_spread_torchrun, check_grad_layer_search_spread_torchrun]
 
 
 if pytest is not None:
