@@ -477,6 +477,7 @@ def _evaluate(run, fold: str, docs, scales, limit, what: str) -> dict:
     run.done = done + 1
     if limit is not None and e["short_log_ppl"] > limit:
         e = {**e, "guard_ok": False, "objective": None}
+    run.ck.put(fold, scales, e)  # as run.evaluate keeps it: the dev table reads it from there, as in one process
     return e
 
 

@@ -567,7 +567,10 @@ class SearchRun:
         if self.parallel is not None and self.parallel.world_size > 1:
             self._check()
             todo = [t for t in trials if self._cached(fold, t, guard_limit) is None]
-            for t, (entry, secs) in zip(todo, self.parallel.map(lambda t: self._compute(docs, t, guard_limit), todo)):
+            before = self.doc_evals
+            computed = self.parallel.map(lambda t: self._compute(docs, t, guard_limit), todo)
+            self.doc_evals = before + len(todo) * len(docs.doc_ids)  # every process's work, counted as one process would
+            for t, (entry, secs) in zip(todo, computed):
                 self.ck.put(fold, t, entry)
                 self.gathered.add(_key(fold, t))
                 self.fresh += 1

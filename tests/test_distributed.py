@@ -152,6 +152,18 @@ def _qroar(args, procs=1, timeout=300):
     return p.stdout
 
 
+def _word_corpus(root: Path, seed: str, words: dict[str, list[int]]) -> dict[str, str]:
+    """{split: folder} of documents of random words, one per count (seeded by `seed`, the split and the index)."""
+    vocab, corpus = TEXT.split(), {}
+    for split, counts in words.items():
+        (root / split).mkdir()
+        for i, n in enumerate(counts):
+            rng = random.Random(f"{seed}{split}{i}")
+            (root / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
+        corpus[split] = str(root / split)
+    return corpus
+
+
 def _doc_entries(path) -> dict:
     return {e["key"]: e["per_length"] for e in json.loads(Path(path).read_text())["evaluations"] if e["key"].startswith("doc=")}
 
@@ -161,14 +173,7 @@ def test_racing_spread_over_two_processes_equals_one_process(tmp_path):
     processes gives the same scales, history and held-out table, the same per-document numbers bit for bit
     (batch 1: no window shares a forward), the same count of document evaluations within the budget; rank 0's
     checkpoint holds every one, and a 2-process run resumes a partial single-process checkpoint."""
-    vocab = TEXT.split()
-    corpus = {}
-    for split, words in (("dev", [200, 90, 260, 150, 9]), ("held", [200, 120])):  # dev4: too short for 96 tokens
-        (tmp_path / split).mkdir()
-        for i, n in enumerate(words):
-            rng = random.Random(f"race{split}{i}")
-            (tmp_path / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
-        corpus[split] = str(tmp_path / split)
+    corpus = _word_corpus(tmp_path, "race", {"dev": [200, 90, 260, 150, 9], "held": [200, 120]})  # dev4: too short for 96
     model = save_tiny(tmp_path / "model")
     base = ["search", "--model", model, "--dev-corpus", corpus["dev"], "--heldout-corpus", corpus["held"], *RACE]
     run = lambda name, procs, ck: _qroar([*base, "--checkpoint", str(tmp_path / ck), "--report", str(tmp_path / name)], procs)  # noqa: E731
@@ -210,14 +215,7 @@ def test_gradient_and_per_layer_searches_spread_over_two_processes_equal_one_pro
     check's windows and each evaluation's documents over the processes, and the per-layer descent its
     candidates; the scales, the optimisation history (training and validation objectives at every step),
     the dev and held-out tables are those of one process, and a 2-process run resumes from the checkpoint."""
-    vocab = TEXT.split()
-    corpus = {}
-    for split, words in (("dev", [200, 90, 260, 150, 120, 210]), ("held", [200, 120])):
-        (tmp_path / split).mkdir()
-        for i, n in enumerate(words):
-            rng = random.Random(f"grad{split}{i}")
-            (tmp_path / split / f"{split}{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(n)))
-        corpus[split] = str(tmp_path / split)
+    corpus = _word_corpus(tmp_path, "grad", {"dev": [200, 90, 260, 150, 120, 210], "held": [200, 120]})
     model = save_tiny(tmp_path / "model")
     base = ["search", "--model", model, "--dev-corpus", corpus["dev"], "--heldout-corpus", corpus["held"], *GRAD,
             "--strategy", strategy, *extra]
@@ -229,6 +227,8 @@ def test_gradient_and_per_layer_searches_spread_over_two_processes_equal_one_pro
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["scales"] == one["scales"] and two["history"] == one["history"]
     assert two["heldout"] == one["heldout"] and two["dev"] == one["dev"] and two["objective"] == one["objective"]
+    # the work is counted as one process counts it (every process's share, not rank 0's alone)
+    assert (two["evaluations"], two["doc_evaluations"], two["work"]) == (one["evaluations"], one["doc_evaluations"], one["work"])
     if strategy.startswith("grad"):
         steps = [h for h in one["history"] if h["split"] == "train"]
         assert len(steps) >= 2  # it ran steps

@@ -233,14 +233,19 @@ def check_eval_spread_accelerate(root: Path) -> None:
     _check_eval_spread(root, "accelerate")
 
 
-def _check_search_spread(root: Path, strategy: str) -> None:
+def _one_and_two(root: Path, strategy: str, extra: list[str] = ()) -> tuple[dict, dict]:
+    """The search's reports on one GPU and spread over two under torchrun."""
     args = ["search", "--model", _model(root), *CLI, "--dev-corpus", "embedded:dev", "--heldout-corpus", "embedded:heldout",
-            *SEARCH, "--strategy", strategy]
+            *SEARCH, "--strategy", strategy, *extra]
     _qroar([*args, "--report", str(root / f"search-one-{strategy}")])
     out = _qroar([*args, "--report", str(root / f"search-two-{strategy}"), "--checkpoint", str(root / f"{strategy}.ckpt.json")],
                  "torchrun")
     assert "spread over 2 processes" in out
-    one, two = (json.loads((root / f"search-{n}-{strategy}.json").read_text()) for n in ("one", "two"))
+    return tuple(json.loads((root / f"search-{n}-{strategy}.json").read_text()) for n in ("one", "two"))
+
+
+def _check_search_spread(root: Path, strategy: str) -> None:
+    one, two = _one_and_two(root, strategy)
     assert two["scales"] == one["scales"], f"{strategy}: {two['scales']} on 2 GPUs vs {one['scales']} on one"
     for a, b in zip(one["heldout"], two["heldout"]):
         assert abs(a["log_ppl"] - b["log_ppl"]) <= 1e-5 * abs(a["log_ppl"]), f"{strategy} held-out: {a} vs {b}"
@@ -258,13 +263,7 @@ def check_grid_search_spread_torchrun(root: Path) -> None:
 def _check_grad_spread(root: Path, strategy: str) -> None:
     """The gradient searches under torchrun: each step's windows split over the 2 GPUs. GPU backward passes are
     not bit-reproducible, so the scales agree to 1e-3 and the held-out log-perplexity to 1e-4, not bit for bit."""
-    args = ["search", "--model", _model(root), *CLI, "--dev-corpus", "embedded:dev", "--heldout-corpus", "embedded:heldout",
-            *SEARCH, "--strategy", strategy, "--steps", "4", "--grad-batch", "2", "--grad-every", "2", "--lr", "0.1"]
-    _qroar([*args, "--report", str(root / f"search-one-{strategy}")])
-    out = _qroar([*args, "--report", str(root / f"search-two-{strategy}"), "--checkpoint", str(root / f"{strategy}.ckpt.json")],
-                 "torchrun")
-    assert "spread over 2 processes" in out
-    one, two = (json.loads((root / f"search-{n}-{strategy}.json").read_text()) for n in ("one", "two"))
+    one, two = _one_and_two(root, strategy, ["--steps", "4", "--grad-batch", "2", "--grad-every", "2", "--lr", "0.1"])
     flat = lambda s: [g for r in s for g in (r if isinstance(r, list) else [r])]  # noqa: E731
     for a, b in zip(flat(one["scales"]), flat(two["scales"])):
         assert abs(a - b) <= 1e-3 * abs(a), f"{strategy}: {two['scales']} on 2 GPUs vs {one['scales']} on one"
