@@ -303,6 +303,9 @@ def cmd_search(a) -> int:
         return 0
     if ranks.world_size > 1:
         print(f"search work spread over {ranks.world_size} processes")
+        if cfg.strategy.startswith("grad") and cfg.grad_batch < ranks.world_size:
+            print(f"note: a gradient step of {cfg.grad_batch} window(s) cannot be split over {ranks.world_size} processes, "
+                  f"so only the checks and evaluations were spread; --grad-batch {ranks.world_size} or more splits the steps")
     print(format_result(result))
     print(f"{result.spent} {result.unit} (at most {result.budget}) in {result.seconds:.1f}s "
           f"({result.reused} reused from the checkpoint)")

@@ -209,7 +209,8 @@ GRAD = [*RACE[:RACE.index("--candidates")], "--batch-size", "1", "--windows", "0
 
 @pytest.mark.parametrize("strategy,extra", [("grad", ["--steps", "4", "--grad-batch", "3", "--grad-every", "2", "--lr", "0.2"]),
                                             ("grad-layer", ["--steps", "3", "--grad-batch", "2", "--grad-every", "3", "--lr", "0.2"]),
-                                            ("layer", ["--layer-groups", "2", "--candidates", "5"])])
+                                            ("layer", ["--layer-groups", "2", "--candidates", "5"]),
+                                            ("grad", ["--steps", "2", "--grad-batch", "1", "--grad-every", "2", "--lr", "0.2"])])
 def test_gradient_and_per_layer_searches_spread_over_two_processes_equal_one_process(tmp_path, strategy, extra):
     """torchrun --nproc-per-node 2 (gloo): the gradient searches split each step's windows, each validation
     check's windows and each evaluation's documents over the processes, and the per-layer descent its
