@@ -91,6 +91,23 @@ def save_tiny(path, model=None):
     return str(path)
 
 
+def tiny_workbench(path, quant=None, double: bool = False):
+    """The tiny Llama saved under `path`, opened on the CPU under linear PI x2, `quant` (default RTN W3 g32) and
+    4 bands: the workbench most engine tests start from. double: the model in float64 (finite differences)."""
+    from qroar.bands import BandConfig
+    from qroar.quant import QuantConfig
+    from qroar.rope import PIConfig
+    from qroar.workbench import Workbench
+
+    wb = Workbench.open(save_tiny(path), device="cpu", dtype="fp32")
+    if double:
+        wb.model.double()
+    wb.set_pi(PIConfig("linear", 2.0))
+    wb.set_quant(quant if quant is not None else QuantConfig(method="rtn", bits=3, group_size=32))
+    wb.set_bands(BandConfig(n_bands=4))
+    return wb
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")

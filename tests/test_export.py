@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_llama
+from conftest import save_tiny, tiny_llama, tiny_workbench
 
 from qroar import export
-from qroar.bands import BandConfig
 from qroar.errors import ScalesFileError
 from qroar.export import apply_scales, export_checkpoint, load_scales, save_scales
 from qroar.perplexity import EvalConfig, evaluate
@@ -23,10 +22,7 @@ SCALES = [1.3, 0.8, 1.1, 0.9]
 
 @pytest.fixture
 def wb(tmp_path):
-    w = Workbench.open(save_tiny(tmp_path / "m"), device="cpu", dtype="fp32")
-    w.set_pi(PIConfig("linear", 2.0))
-    w.set_quant(RTN)
-    w.set_bands(BandConfig(n_bands=4))
+    w = tiny_workbench(tmp_path / "m", RTN)
     w.set_scales(SCALES, ScaleConfig("shared", "before"))
     return w
 

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny, tiny_llama
+from conftest import save_tiny, tiny_llama, tiny_workbench
 from test_search import RTN, WINDOWS, cfg_for, make_corpus
 
 from qroar import fidelity
-from qroar.bands import BandConfig
 from qroar.errors import ConfigError
 from qroar.perplexity import EvalConfig
 from qroar.quant import QUANTIZERS, QuantConfig, quant_targets
@@ -29,11 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def wb(tmp_path):
-    w = Workbench.open(save_tiny(tmp_path / "m"), device="cpu", dtype="fp32")
-    w.set_pi(PIConfig("linear", 2.0))
-    w.set_quant(RTN)
-    w.set_bands(BandConfig(n_bands=4))
-    return w, make_corpus(tmp_path / "corpus", words=300)
+    return tiny_workbench(tmp_path / "m", RTN), make_corpus(tmp_path / "corpus", words=300)
 
 
 def weights(model):

@@ -12,31 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import tiny_workbench
 from test_search import RTN, WINDOWS, cfg_for, make_corpus
 
 from qroar import gradient
-from qroar.bands import BandConfig
 from qroar.errors import Cancelled, ConfigError
 from qroar.models import attention_layers, decoder_layers
 from qroar.quant import QuantConfig
 from qroar.rescale import Rescaler, ScaleConfig
-from qroar.rope import PIConfig
 from qroar.search import STRATEGIES, SearchConfig, add_search_args, search, search_args, search_budget, search_config_from_args
-from qroar.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parent.parent
 S = [1.25, 0.8, 1.1, 0.9]
 
 
 def _open(tmp_path, double: bool):
-    wb = Workbench.open(save_tiny(tmp_path / "m"), device="cpu", dtype="fp32")
-    if double:
-        wb.model.double()
-    wb.set_pi(PIConfig("linear", 2.0))
-    wb.set_quant(RTN)
-    wb.set_bands(BandConfig(n_bands=4))
-    return wb, make_corpus(tmp_path / "c")
+    return tiny_workbench(tmp_path / "m", RTN, double=double), make_corpus(tmp_path / "c")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import tiny_workbench
 
 from qroar import quant
 from qroar.bands import BandConfig
@@ -17,7 +17,6 @@ from qroar.perplexity import EvalConfig, evaluate
 from qroar.quant import QuantConfig
 from qroar.recipe import Recipe
 from qroar.rescale import ScaleConfig, check_scales, describe_scales, per_layer
-from qroar.rope import PIConfig
 from qroar.workbench import Workbench
 
 RTN = QuantConfig(method="rtn", bits=3, group_size=32)
@@ -28,11 +27,7 @@ IDS = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture
 def wb(tmp_path):
-    w = Workbench.open(save_tiny(tmp_path / "m"), device="cpu", dtype="fp32")
-    w.set_pi(PIConfig("linear", 2.0))
-    w.set_quant(RTN)
-    w.set_bands(BandConfig(n_bands=4))
-    return w
+    return tiny_workbench(tmp_path / "m", RTN)
 
 
 def _weights(wb, variant):
