@@ -275,39 +275,27 @@ class Problem:
         nll, kld = window_sums(self.model, w, self.s.chunk, self._ref.get(w.key), upto)
         return nll, (kld if self.s.objective == "kld" else nll)
 
-    def _mine(self, windows: list[Window]) -> list[int]:
-        """Indices of the windows this process computes: all of them alone, else a share balanced by length."""
-        r = self.ranks
-        if r is None or r.world_size == 1:
-            return list(range(len(windows)))
-        from qroar.distributed import split_by_cost
+    def _spread(self, fn, windows: list[Window]) -> list:
+        """[fn(w) for w in windows]: alone, in order; with several processes, the windows split over them by
+        length (Ranks.spread) and every result gathered, in window order, on every process."""
+        from qroar.distributed import Ranks
 
-        return split_by_cost([max(w.cuts) for w in windows], r.world_size)[r.rank]
-
-    def _gathered(self, n: int, mine: list[tuple[int, object]]) -> list:
-        """Every process's (index, result) pairs as one list in index order (one process: its own)."""
-        if self.ranks is None or self.ranks.world_size == 1:
-            parts = [mine]
-        else:
-            parts = self.ranks.gather(mine)
-        out = [None] * n
-        for part in parts:
-            for i, x in part:
-                out[i] = x
-        return out
+        return (self.ranks or Ranks()).spread(lambda ws: [fn(w) for w in ws], windows, cost=lambda w: max(w.cuts))
 
     def aggregate(self, windows, theta) -> tuple[torch.Tensor, dict[int, float], dict[int, float]]:
         """(objective, log-ppl per length, measure per length) of `windows` under theta, without gradients.
         Several processes: each computes its share of the windows; the sums are taken in window order on
         every process, so the result is the one process's, bit for bit."""
-        mine = []
+
+        def sums(w):
+            nll, m = self._sums(w)
+            return {L: (float(nll[L]), float(m[L])) for L in nll}
+
         with torch.no_grad(), ScaleHooks(self.model, self.bands, self.mode, theta):
-            for i in self._mine(windows):
-                nll, m = self._sums(windows[i])
-                mine.append((i, {L: (float(nll[L]), float(m[L])) for L in nll}))
+            per_window = self._spread(sums, windows)
         acc: dict[int, list] = {}
-        for sums in self._gathered(len(windows), mine):
-            for L, (n, x) in sums.items():
+        for per_length in per_window:
+            for L, (n, x) in per_length.items():
                 a = acc.setdefault(L, [0.0, 0.0, 0])
                 a[0], a[1], a[2] = a[0] + n, a[1] + x, a[2] + L - 1
         logp = {L: a[0] / a[2] for L, a in sorted(acc.items())}
@@ -333,9 +321,8 @@ class Problem:
                 tokens[L] = tokens.get(L, 0) + L - 1
         lw = length_weights(tokens, self.s.weights)
         limit = math.log1p(self.s.guard_tol)
-        mine = []
-        for i in self._mine(batch):
-            w = batch[i]
+
+        def value_and_grad(w):
             base = self.base_short(w) if guard else None
             with ScaleHooks(self.model, self.bands, self.mode, theta), checkpointed_layers(self.model):
                 nll, m = self._sums(w)
@@ -345,10 +332,11 @@ class Problem:
                     over = nll[self.short] / (self.short - 1) - base - limit
                     loss = loss + GUARD_WEIGHT * torch.relu(over) / len(batch)
                 (g,) = torch.autograd.grad(loss, theta)
-            mine.append((i, (value, g.detach())))
+            return value, g.detach()
+
         # every window's value and gradient, summed in window order on every process (the same on each)
         total, grad = 0.0, None
-        for value, g in self._gathered(len(batch), mine):
+        for value, g in self._spread(value_and_grad, batch):
             total += value
             grad = g.clone() if grad is None else grad + g
         theta.grad = grad if theta.grad is None else theta.grad + grad
